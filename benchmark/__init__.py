@@ -1,0 +1,1 @@
+"""bitbench: the benchmark suite (data, model registry, training, launching, report, perf)."""

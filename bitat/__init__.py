@@ -1,0 +1,1 @@
+"""BiTAT: importance-aware orthonormal transformation with progressive bottom-to-top binarization."""
