@@ -77,3 +77,26 @@ def broadcast_object(obj, info: DistInfo):
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def gradient_probe(method: str, arch: str, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+                   num_classes: int = 10) -> dict[str, torch.Tensor]:
+    """Gradients of one step on a global batch, each rank taking its equal slice under DDP.
+
+    Used to check that DDP gives the single-process gradient. BatchNorm runs in eval mode here, since per-rank
+    batch statistics (the training default, as in torchvision's reference without --sync-bn) differ by design.
+    """
+    from benchmark.models import create_model
+
+    info = setup()
+    try:
+        torch.manual_seed(seed)
+        model = create_model(method, arch, num_classes=num_classes, in_channels=images.shape[1],
+                             image_size=images.shape[-1]).eval()
+        net = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
+        x = images.chunk(info.world_size)[info.rank]
+        y = labels.chunk(info.world_size)[info.rank]
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        teardown()
