@@ -1,0 +1,153 @@
+"""Binary layers: `BinaryConv2d` (input quantizer + weight quantizer + optional XNOR activation scale K),
+ReActNet's `LearnableBias`, `RSign`, `RPReLU`, and `binary_layers(model)` that lists the binarized convolutions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.quantizers import approx_sign
+
+__all__ = ["LearnableBias", "RSign", "RPReLU", "XnorActivationScale", "BinaryConv2d", "binary_layers",
+           "set_binarize_weights", "set_binarize_inputs"]
+
+
+class LearnableBias(nn.Module):
+    """x + b with a learnable per-channel shift b (init 0), stored as (1, C, 1, 1) like ReActNet's code."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+    def extra_repr(self) -> str:
+        return f"channels={self.bias.shape[1]}"
+
+
+class RSign(nn.Module):
+    """ReActNet's activation quantizer: sign(x + b) with a learnable per-channel threshold (-b), ApproxSign gradient."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.shift = LearnableBias(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return approx_sign(self.shift(x))
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU: shift by -gamma, PReLU(C) (slope init 0.25), shift by +zeta; all per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.shift_in = LearnableBias(channels)
+        self.prelu = nn.PReLU(channels, init=0.25)
+        self.shift_out = LearnableBias(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shift_out(self.prelu(self.shift_in(x)))
+
+
+class XnorActivationScale(nn.Module):
+    """XNOR-Net's K: the channel mean of |I| box-filtered with the conv's kernel size, stride, padding and
+    dilation, so K has the conv output's spatial size. Per group for grouped convs (the channel mean is taken
+    over each group's input channels). K is treated as a constant in backward, like alpha."""
+
+    def __init__(self, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int], groups: int = 1) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """K for input x: shape (N, groups, H_out, W_out)."""
+        n, c, h, w = x.shape
+        a = x.detach().abs().view(n, self.groups, c // self.groups, h, w).mean(dim=2)
+        kh, kw = self.kernel_size
+        box = a.new_full((self.groups, 1, kh, kw), 1.0 / (kh * kw))
+        return F.conv2d(a, box, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, groups={self.groups}"
+
+
+class BinaryConv2d(nn.Conv2d):
+    """A Conv2d whose input and weight pass through quantizer modules (larq's QuantConv2D).
+
+    `binarize_inputs` / `binarize_weights` switch each half on or off (ReActNet step 1 trains binary
+    activations with real weights); they start on when the matching quantizer is given. `quantized_weight()`
+    is exactly the weight the forward uses. With `activation_scale=True` the output is multiplied by XNOR's K
+    (computed from the real input) while inputs are binarized. Padding feeds zeros, as the official code does.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = False, *,
+                 input_quantizer: nn.Module | None = None, weight_quantizer: nn.Module | None = None,
+                 activation_scale: bool = False) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        if isinstance(self.padding, str):
+            raise ValueError("BinaryConv2d needs explicit integer padding, not a padding string")
+        self.input_quantizer = input_quantizer
+        self.weight_quantizer = weight_quantizer
+        self.binarize_inputs = input_quantizer is not None
+        self.binarize_weights = weight_quantizer is not None
+        self.activation_scale = (XnorActivationScale(self.kernel_size, self.stride, self.padding, self.dilation,
+                                                     groups) if activation_scale else None)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses: quantizer(weight) when binarizing weights, else the real weight."""
+        if not self.binarize_weights:
+            return self.weight
+        if self.weight_quantizer is None:
+            raise ValueError("BinaryConv2d.binarize_weights is on but the layer has no weight_quantizer")
+        return self.weight_quantizer(self.weight)
+
+    def weight_scale(self) -> torch.Tensor:
+        """Per-output-channel scale of `quantized_weight()` (shape (C_out,)): it equals scale[c] * (±1)."""
+        if not self.binarize_weights:
+            raise ValueError("weight_scale() is only defined while binarize_weights is on")
+        scale = getattr(self.weight_quantizer, "scale", None)
+        if scale is not None:
+            return scale(self.weight)
+        return self.quantized_weight().detach().abs().flatten(1).amax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = None
+        if self.binarize_inputs:
+            if self.input_quantizer is None:
+                raise ValueError("BinaryConv2d.binarize_inputs is on but the layer has no input_quantizer")
+            if self.activation_scale is not None:
+                k = self.activation_scale(x)
+            x = self.input_quantizer(x)
+        out = self._conv_forward(x, self.quantized_weight(), self.bias)
+        if k is not None:
+            n, c, h, w = out.shape
+            g = k.shape[1]
+            out = (out.view(n, g, c // g, h, w) * k.unsqueeze(2)).view(n, c, h, w)
+        return out
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", binarize_inputs={self.binarize_inputs}, "
+                f"binarize_weights={self.binarize_weights}")
+
+
+def binary_layers(model: nn.Module) -> list[tuple[str, BinaryConv2d]]:
+    """Every BinaryConv2d of `model` with its qualified name, in module registration (= forward) order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BinaryConv2d)]
+
+
+def set_binarize_weights(model: nn.Module, on: bool) -> None:
+    """Switch weight binarization on or off in every BinaryConv2d of `model` that has a weight quantizer
+    (ReActNet's two steps)."""
+    for _, layer in binary_layers(model):
+        layer.binarize_weights = on and layer.weight_quantizer is not None
+
+
+def set_binarize_inputs(model: nn.Module, on: bool) -> None:
+    """Switch input binarization on or off in every BinaryConv2d of `model` that has an input quantizer."""
+    for _, layer in binary_layers(model):
+        layer.binarize_inputs = on and layer.input_quantizer is not None
