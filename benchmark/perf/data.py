@@ -1,0 +1,105 @@
+"""`bitbench perf data`: images/s of the shard reader against torchvision's in-memory FashionMNIST, in one run.
+
+Both sides use the same transforms (pad 2 + random crop, normalisation), batch size, worker count and number
+of batches; throughput is measured from the first batch on (worker start-up is reported apart).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+from benchmark.errors import BitbenchError
+
+SUPPORTED = ("fashion-mnist",)  # datasets whose torchvision baseline needs nothing but what is installed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(SUPPORTED)}")
+    parser.add_argument("--data", metavar="DIR", help="prepared dataset (default: prepare into a temporary folder)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers on both sides (default 2)")
+    parser.add_argument("--batches", type=int, default=50, help="batches measured on each side (default 50)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def throughput(batches: Iterable, limit: int) -> dict:
+    """Images/s over batches 2..limit (after the first batch, so worker start-up is excluded) and the
+    time to the first batch."""
+    start = time.perf_counter()
+    first = None
+    images = 0
+    count = 0
+    for count, batch in enumerate(batches, 1):
+        if first is None:
+            first = time.perf_counter()
+        else:
+            images += len(batch[1])
+        if count == limit:
+            break
+    end = time.perf_counter()
+    if count < 2:
+        raise BitbenchError(f"only {count} batch(es) to measure; lower --batch-size or raise --batches")
+    return {"images_per_s": images / (end - first), "first_batch_s": first - start, "batches": count,
+            "images": images}
+
+
+def measure_reader(data_dir: str | Path, batch_size: int, workers: int, batches: int, seed: int = 0) -> dict:
+    """Training-mode throughput of benchmark.data.ShardLoader on the train split."""
+    from benchmark.data import ShardLoader
+
+    loader = ShardLoader(data_dir, "train", batch_size, train=True, seed=seed, num_workers=workers,
+                         max_batches=batches, pin_memory=False)
+    return throughput(loader, batches)
+
+
+def measure_torchvision(mean: list[float], std: list[float], batch_size: int, workers: int, batches: int,
+                        seed: int = 0) -> dict:
+    """The same transforms on torchvision's FashionMNIST (all in memory) through a plain DataLoader."""
+    import torch
+    from torchvision.transforms import v2
+
+    from benchmark.data.sources import torchvision_fashion_mnist
+
+    transform = v2.Compose([v2.ToImage(), v2.RandomCrop(28, padding=2), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(mean, std)])
+    dataset = torchvision_fashion_mnist(train=True, transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, generator=torch.Generator().manual_seed(seed))
+    return throughput(loader, batches)
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmark.data import load_manifest
+
+    if args.dataset not in SUPPORTED:
+        raise BitbenchError(f"perf data compares against torchvision for {', '.join(SUPPORTED)} only, "
+                            f"not '{args.dataset}'")
+    if args.batch_size < 1 or args.workers < 0 or args.batches < 2:
+        raise BitbenchError("need --batch-size >= 1, --workers >= 0 and --batches >= 2")
+    with tempfile.TemporaryDirectory(prefix="bitbench-perf-data-") as scratch:
+        data_dir = Path(args.data) if args.data else Path(scratch) / args.dataset
+        if not args.data:
+            from benchmark.data.shards import write_dataset
+            from benchmark.data.sources import DEFAULT_VAL_SIZE, load_source
+
+            write_dataset(load_source(args.dataset), data_dir, val_size=DEFAULT_VAL_SIZE[args.dataset],
+                          seed=args.seed, progress=False)
+        manifest = load_manifest(data_dir, verify="fast")
+        if manifest["dataset"] != args.dataset:
+            raise BitbenchError(f"{data_dir} holds {manifest['dataset']}, not {args.dataset}")
+        reader = measure_reader(data_dir, args.batch_size, args.workers, args.batches, args.seed)
+        baseline = measure_torchvision(manifest["mean"], manifest["std"], args.batch_size, args.workers,
+                                       args.batches, args.seed)
+    report = {
+        "dataset": args.dataset, "batch_size": args.batch_size, "workers": args.workers, "batches": args.batches,
+        "shard_reader": reader, "torchvision_in_memory": baseline,
+        "ratio": reader["images_per_s"] / baseline["images_per_s"],
+        # The perf issue adds: reader images/s over the fastest training step's images/s (target >= 3).
+        "vs_fastest_training_step": None,
+    }
+    print(json.dumps(report, indent=2))
+    return 0
