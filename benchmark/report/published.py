@@ -6,6 +6,7 @@ dataset, architecture and method (and variant, where the row names one) that is 
 from __future__ import annotations
 
 import numbers
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def validate_published(rows: list[Any]) -> list[dict[str, Any]]:
             raise BitbenchError(f"{name}: ops_source/ops_mark given without ops")
         if row.get("top5_mark") and row.get("top5") is None:
             raise BitbenchError(f"{name}: top5_mark given without top5")
-        if row["mark"] == "paper" and "table" not in row["source"].lower():
+        if row["mark"] == "paper" and not re.search(r"\btable\s*[0-9IVX]", row["source"], re.IGNORECASE):
             raise BitbenchError(f"{name}: a [paper] mark needs the table number in its source")
         if not isinstance(row.get("context", False), bool):
             raise BitbenchError(f"{name}: context must be true or false")
