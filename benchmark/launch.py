@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,9 @@ def plan(cells: list[dict[str, Any]], profile: dict[str, Any], runs_root: str | 
                                           spec.get("variant"), spec.get("seed", 0))
         spec["run_dir"] = str(Path(spec["run_dir"]).resolve())
         cfg = resolve_config(spec, check_dependencies=False)
+        if cfg["recipe"]["batch_size"] % cfg["world_size"]:
+            raise BitbenchError(f"{cfg['run_dir']}: batch size {cfg['recipe']['batch_size']} is not divisible by "
+                                f"the world size {cfg['world_size']} of profile {profile['name']!r}")
         if cfg["world_size"] != world_size(profile):
             raise BitbenchError(f"{cfg['run_dir']}: world size {cfg['world_size']} does not match profile "
                                 f"{profile['name']!r} ({profile['nodes']} nodes x {profile['tasks_per_node']} tasks)")
@@ -394,13 +398,32 @@ class _Scheduler:
         if self.profile["executor"] == "slurm":
             self.active[0].job.watcher.update()  # one squeue/sacct call for all jobs
         for run in list(self.active):
-            if not run.job.done():  # the debug executor runs the job here, in this process
+            if self.profile["executor"] == "debug":
+                self._run_here(run)
+                continue
+            if not run.job.done():
                 run.status = "running" if _state(run.job) in ("RUNNING", "COMPLETING") else "pending"
                 continue
             self.active.remove(run)
             _collect(run)
-            if run.status == "failed":
-                self.status.say(f"FAILED {run.name}: {run.reason} (log: {run.log})")
+            self._announce(run)
+
+    def _run_here(self, run: Run) -> None:
+        """The debug executor runs the job in this process (pdb post-mortem on a terminal when it raises)."""
+        self.active.remove(run)
+        try:
+            run.metrics, run.ranks_agree, run.status = run.job.result(), True, "done"
+        except Exception as err:  # noqa: BLE001 - any error of the run is its failure, reported like a job's
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            run.status, run.reason = "failed", f"{type(err).__name__}: {lines[-1] if lines else ''}"
+        self._announce(run)
+
+    def _announce(self, run: Run) -> None:
+        if run.status == "failed":
+            self.status.say(f"FAILED {run.name}: {run.reason} (log: {run.log})")
+        else:
+            top1 = (run.metrics or {}).get("test_top1") if isinstance(run.metrics, dict) else None
+            self.status.say(f"done {run.name}" + ("" if top1 is None else f" (test top-1 {top1:.2f})"))
 
     def cancel(self) -> None:
         for run in self.active:
@@ -522,18 +545,26 @@ def run(args: argparse.Namespace) -> int:
     profile = args.profile or (params.get("launcher") or {}).get("profile", "local")
     runs_root = args.runs_root or params.get("runs_root", "runs")
 
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous in (signal.SIG_DFL, None):  # a killed launcher (e.g. by DVC) cancels its jobs like Ctrl-C does
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    with _sigterm_as_interrupt():
         summary = launch(cells, profile, runs_root, poll_s=args.poll, dry_run=args.dry_run)
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     print(format_table(summary))
     if args.dry_run:
         return 0
     print(f"summary: {Path(summary['runs_root']) / SUMMARY}")
     return 0 if summary["ok"] else 1
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A launcher killed with SIGTERM (e.g. by DVC or a CI timeout) cancels its jobs, as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
