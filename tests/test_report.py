@@ -56,6 +56,11 @@ def runs(tmp_path: Path) -> tuple[Path, Path]:
     make_run(root, "fashion-mnist", "resnet20", "fp", 1, top1=91.0, best_top1=90.0, overrides=short,
              curve=(82.0, 91.0))
     xnor0 = make_run(root, "fashion-mnist", "resnet20", "xnor", 0, top1=None, error="RuntimeError: boom", curve=(50.0,))
+    # reactnet seed 0 is still running (no metrics yet); seed 1 holds metrics of an older config (stale)
+    make_run(root, "fashion-mnist", "resnet20", "reactnet", 0, top1=None)
+    stale = make_run(root, "fashion-mnist", "resnet20", "reactnet", 1, top1=80.0, overrides=short)
+    config = json.loads((stale / "config.json").read_text())
+    (stale / "config.json").write_text(json.dumps({**config, "hash": "a-newer-config"}))
     # outside the grid: ImageNet ResNet-18 at full length against published numbers of every kind
     make_run(root, "imagenet", "resnet18", "bireal", 0, top1=56.0, best_top1=55.0, epochs=FULL)
     make_run(root, "imagenet", "resnet18", "bireal", 1, top1=56.6, best_top1=55.2, epochs=FULL)
@@ -72,10 +77,14 @@ def runs(tmp_path: Path) -> tuple[Path, Path]:
         {"name": "fashion-mnist/resnet20/xnor/seed1", "status": "failed",
          "run_dir": str((root / "fashion-mnist/resnet20/xnor/seed1").resolve()),
          "log": str(logs / "7_1_log.err"), "reason": "BitbenchError: no dataset shards"},
+        {"name": "fashion-mnist/resnet20/bireal/seed1", "status": "skipped", "log": None,
+         "run_dir": str((root / "fashion-mnist/resnet20/bireal/seed1").resolve()),
+         "reason": "needs fashion-mnist/resnet20/fp/seed1, which failed"},
     ]}))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"runs_root": str(root), "grid": {
-        "datasets": ["fashion-mnist"], "archs": ["resnet20"], "methods": ["fp", "xnor", "bireal"], "seeds": [0, 1]}}))
+        "datasets": ["fashion-mnist"], "archs": ["resnet20"], "methods": ["fp", "xnor", "bireal", "reactnet"],
+        "seeds": [0, 1]}}))
     return root, params
 
 
@@ -100,7 +109,12 @@ def test_every_status_and_the_numbers(runs, tmp_path):
     assert xnor["status"] == "failed" and "RuntimeError: boom" in xnor["status_detail"]
     assert str(root / "fashion-mnist/resnet20/xnor/seed0/error.txt") in xnor["logs"]
     assert str(tmp_path / "logs" / "7_1_log.err") in xnor["logs"]  # failed before its run directory existed
-    assert rows["fashion-mnist", "resnet20", "bireal"]["status"] == "not run"
+    bireal = rows["fashion-mnist", "resnet20", "bireal"]
+    assert bireal["status"] == "not run" and [r["state"] for r in bireal["runs"]] == ["not run", "not run"]
+    assert bireal["runs"][1]["reason"] == "skipped: needs fashion-mnist/resnet20/fp/seed1, which failed"
+    reactnet = rows["fashion-mnist", "resnet20", "reactnet"]
+    assert reactnet["status"] == "incomplete" and reactnet["n"] == 0
+    assert "stale" in reactnet["runs"][1]["reason"]
 
     bireal = rows["imagenet", "resnet18", "bireal"]
     assert not bireal["in_grid"] and bireal["schedule"] == "full"
@@ -115,7 +129,7 @@ def test_every_status_and_the_numbers(runs, tmp_path):
     assert bitat["status"] == "no published number" and bitat["published"]["top1"] is None
     assert rows["imagenet", "resnet18", "reactnet"]["status"] == "short schedule (no verdict)"
 
-    assert board["counts"] == {"no published number": 2, "failed": 1, "not run": 1, "reproduced": 1,
+    assert board["counts"] == {"no published number": 2, "failed": 1, "not run": 1, "incomplete": 1, "reproduced": 1,
                                "below published": 1, "published number unverified": 1,
                                "short schedule (no verdict)": 1}
     assert board["summary"]["fashion-mnist/resnet20/fp/seed1/test_top1"] == 91.0
@@ -131,7 +145,7 @@ def test_every_status_and_the_numbers(runs, tmp_path):
     for text in ("| fp | short (", "max_batches=10) | 2/2 | 90.50 ± 0.71", "89.50 ± 0.71",
                  "56.4 [code]", "-0.10", "69.76 [unverified]", "no published number on file",
                  "short schedule (no verdict)", "below published", "reproduced", "not run",
-                 "tolerance **1 point(s)**", "94.9", "bireal †", "7_1_log.err", "reproduced: 1 of 3 seeds failed", "ValueError: loss is nan",
+                 "tolerance **1 point(s)**", "94.9", "bireal †", "7_1_log.err", "which failed", "**incomplete**", "reproduced: 1 of 3 seeds failed", "ValueError: loss is nan",
                  f"failed: 2 of 2 seeds failed: RuntimeError: boom (log: `{root}/fashion-mnist/resnet20/xnor"):
         assert text in md, text
 

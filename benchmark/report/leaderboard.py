@@ -200,7 +200,8 @@ def build_leaderboard(runs: list[Run], published: list[dict[str, Any]], toleranc
         groups[run.group].append(run)
     order = sorted(groups, key=lambda g: (not any(r.in_grid for r in groups[g]), _first_index(runs, g)))
     tables: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for key in tqdm(order, desc="report", unit="method", disable=not progress, leave=False):
+    for key in tqdm(order, desc="report", unit="method", disable=None if progress else True,
+                    leave=False):
         tables.setdefault(key[:2], []).append(group_entry(groups[key], published, tolerance, compare))
 
     used = {e["published"]["key"] for rows in tables.values() for e in rows if e["published"]}
