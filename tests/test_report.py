@@ -104,6 +104,7 @@ def test_every_status_and_the_numbers(runs, tmp_path):
     assert fp["wall_seconds"]["mean"] == pytest.approx(125.5)
     assert fp["schedule"] == "short" and "max_batches=10" in fp["schedule_detail"]
     assert fp["status"] == "no published number" and fp["published"] is None
+    assert "fashion-mnist-fp-resnet18-readme" in fp["context_published"]  # the FP ceilings, as context
 
     xnor = rows["fashion-mnist", "resnet20", "xnor"]
     assert xnor["status"] == "failed" and "RuntimeError: boom" in xnor["status_detail"]
@@ -145,7 +146,8 @@ def test_every_status_and_the_numbers(runs, tmp_path):
     for text in ("| fp | short (", "max_batches=10) | 2/2 | 90.50 ± 0.71", "89.50 ± 0.71",
                  "56.4 [code]", "-0.10", "69.76 [unverified]", "no published number on file",
                  "short schedule (no verdict)", "below published", "reproduced", "not run",
-                 "tolerance **1 point(s)**", "94.9", "bireal †", "7_1_log.err", "which failed", "**incomplete**", "reproduced: 1 of 3 seeds failed", "ValueError: loss is nan",
+                 "tolerance **1 point(s)**", "94.9", "bireal †", "7_1_log.err", "not run: seed 1 skipped: needs",
+                 "no published number on file (5 context row(s) below)", "**incomplete**", "reproduced: 1 of 3 seeds failed", "ValueError: loss is nan",
                  f"failed: 2 of 2 seeds failed: RuntimeError: boom (log: `{root}/fashion-mnist/resnet20/xnor"):
         assert text in md, text
 

@@ -128,6 +128,8 @@ def group_entry(runs: list[Run], published: list[dict[str, Any]], tolerance: flo
     entry["published"] = None if row is None else {k: row.get(k) for k in (
         "key", "top1", "top5", "top5_mark", "mark", "source", "setting", "note", "ops", "ops_source", "ops_mark")}
     entry["also_published"] = [r["key"] for r in others]
+    entry["context_published"] = [r["key"] for r in published if r["context"] and r["dataset"] == first.dataset
+                                   and r["method"] == method]
 
     schedules = [run_schedule(r) for r in finished]
     kinds = {s["kind"] for s in schedules}
@@ -168,7 +170,7 @@ def _status(runs: list[Run], finished: list[Run], row: dict | None, entry: dict,
         incomplete = [r for r in runs if r.state == "incomplete"]
         if incomplete:
             return "incomplete", incomplete[0].reason or ""
-        return "not run", next((r.reason for r in runs if r.reason), "") or ""
+        return "not run", "; ".join(f"seed {r.seed} {r.reason}" for r in runs if r.reason)
     if row is None or row["top1"] is None:
         status = "no published number"
         notes.insert(0, (row or {}).get("note") or "")

@@ -58,7 +58,8 @@ def method_label(e: dict[str, Any]) -> str:
 def published_cells(e: dict[str, Any]) -> tuple[str, str]:
     pub = e["published"]
     if pub is None:
-        return NO_NUMBER, DASH
+        n = len(e["context_published"])
+        return (NO_NUMBER + (f" ({n} context row(s) below)" if n else "")), DASH
     source = pub["source"] + (f" — {pub['setting']}" if pub.get("setting") else "")
     if pub["top1"] is None:
         note = f" ({pub['note']})" if pub.get("note") else ""
