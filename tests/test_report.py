@@ -187,6 +187,7 @@ def test_cli_writes_the_report_and_rejects_bad_input(runs, tmp_path, capsys):
     for argv, message in (
         (["--runs", str(tmp_path / "nowhere")], "runs directory"),
         (["--runs", str(root), "--params", str(tmp_path / "missing.yaml")], "params file"),
+        (["--runs", str(root), "--tolerance", "-1"], "tolerance must be a non-negative"),
     ):
         assert main(["report", *argv, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from benchmark.errors import BitbenchError
 from benchmark.report.collect import collect_runs, expected_cells, load_params
 from benchmark.report.leaderboard import COMPARE, build_leaderboard
 from benchmark.report.published import load_published
@@ -34,10 +33,6 @@ def write_report(runs_root: str | Path | None = None, params: str | Path | None 
         cells = expected_cells(loaded)
         runs_root = runs_root or loaded.get("runs_root")
     runs_root = Path(runs_root or "runs")
-    if compare not in COMPARE:
-        raise BitbenchError(f"unknown --compare {compare!r} (valid: {', '.join(COMPARE)})")
-    if tolerance < 0:
-        raise BitbenchError(f"--tolerance must be non-negative, got {tolerance}")
     rows = load_published(published)
     runs = collect_runs(runs_root, cells)
     board = build_leaderboard(runs, rows, tolerance=tolerance, compare=compare, progress=progress)

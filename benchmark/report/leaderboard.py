@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from benchmark.errors import BitbenchError
 from benchmark.report.collect import Run
 from benchmark.report.published import MARKS, VERDICT_MARKS, match_published
 
@@ -194,9 +195,9 @@ def build_leaderboard(runs: list[Run], published: list[dict[str, Any]], toleranc
     """Tables (dataset x architecture, in grid order then the rest), per-run records, unmatched published rows of
     the datasets shown (context), status counts and a flat `summary` of per-run test top-1 (a DVC metrics file)."""
     if compare not in COMPARE:
-        raise ValueError(f"compare must be one of {', '.join(COMPARE)}")
+        raise BitbenchError(f"unknown comparison {compare!r} (valid: {', '.join(COMPARE)})")
     if not math.isfinite(tolerance) or tolerance < 0:
-        raise ValueError("tolerance must be a non-negative number")
+        raise BitbenchError(f"tolerance must be a non-negative number of points, got {tolerance}")
     groups: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
     for run in runs:  # grid runs first, in grid order, then the rest as found
         groups[run.group].append(run)
@@ -213,10 +214,8 @@ def build_leaderboard(runs: list[Run], published: list[dict[str, Any]], toleranc
     anywhere = [r for r in published if r["dataset"] == "any" and r["method"] in methods and r["key"] not in used]
     if anywhere:
         context["any"] = anywhere
-    counts: dict[str, int] = {}
-    for rows in tables.values():
-        for e in rows:
-            counts[e["status"]] = counts.get(e["status"], 0) + 1
+    statuses = [e["status"] for rows in tables.values() for e in rows]
+    counts = {s: statuses.count(s) for s in STATUSES if s in statuses}
     run_counts: dict[str, int] = {}
     for run in runs:
         run_counts[run.state] = run_counts.get(run.state, 0) + 1
