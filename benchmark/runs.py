@@ -86,7 +86,7 @@ def resolve_config(spec: dict[str, Any], check_dependencies: bool = True) -> dic
             cfg[role] = None
             continue
         if not cfg.get(role):
-            cfg[role] = str(run_dir_for(Path(cfg["run_dir"]).parents[2], cfg["dataset"], cfg["arch"], kind, None,
+            cfg[role] = str(run_dir_for(Path(cfg["run_dir"]).parents[3], cfg["dataset"], cfg["arch"], kind, None,
                                         cfg["seed"]))
         if check_dependencies and not (Path(cfg[role]) / "model.pt").is_file():
             raise BitbenchError(f"{cfg['method']} needs the finished {kind!r} run of {cfg['dataset']}/{cfg['arch']} "
