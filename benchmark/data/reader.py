@@ -1,10 +1,10 @@
 """The shard reader training uses: random access into WebDataset tars, split exactly across DDP ranks.
 
 Design. On construction the loader checks the shards against the manifest (sizes by default), then indexes
-them once: one pass over the 512-byte tar headers (each parsed and checksum-checked by `tarfile.TarInfo`)
-records, per sample, its shard, the byte range of its image and its label. Samples are then read with `pread`
-by position, like torchvision's ImageFolder reads files, so any sample order costs the same and no shuffle
-buffer is needed; the OS page cache holds the small datasets after the first epoch.
+them once per process: one pass over the 512-byte ustar headers (each checksum-checked) records, per sample,
+its shard, the byte range of its image and its label. Samples are then read with `pread` by position, as
+torchvision's ImageFolder reads files, so any sample order costs the same and no shuffle buffer is needed;
+the OS page cache holds the small datasets after the first epoch.
 
 Splitting. A training epoch is a permutation of the whole split seeded by (seed, epoch), truncated to a
 multiple of world_size × batch_size; rank r takes the r-th contiguous slice and cuts it into batches. Every
@@ -25,10 +25,9 @@ import io
 import math
 import mmap
 import os
-import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -56,6 +55,23 @@ class SplitIndex:
         return len(self.labels)
 
 
+def _parse_header(header: bytes, pos: int, path: Path) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of a ustar header block, its checksum checked (what tarfile.TarInfo.frombuf
+    does, at a fraction of the cost: the index reads two headers per sample)."""
+    try:
+        stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        stored = size = -1
+    if stored != sum(header) - sum(header[148:156]) + 256 or size < 0 or header[257:262] != b"ustar":
+        raise BitbenchError(f"shard {path} is corrupt at byte {pos}: not a valid ustar header")
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0]
+    if prefix:
+        name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), size, header[156:157]
+
+
 def index_shard(path: Path, image_ext: str) -> tuple[list[str], list[int], list[int], list[int]]:
     """Keys, image offsets, image sizes and labels of one tar shard, from its headers; corrupt → BitbenchError."""
     keys, offsets, sizes, labels = [], [], [], []
@@ -79,28 +95,25 @@ def index_shard(path: Path, image_ext: str) -> tuple[list[str], list[int], list[
             if header == _END:
                 ended = True
                 break
-            try:
-                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-            except tarfile.HeaderError as err:
-                raise BitbenchError(f"shard {path} is corrupt at byte {pos}: {err}") from None
+            name, length, kind = _parse_header(header, pos, path)
             data_at = pos + _BLOCK
-            pos = data_at + -(-info.size // _BLOCK) * _BLOCK
-            if data_at + info.size > size:
+            pos = data_at + -(-length // _BLOCK) * _BLOCK
+            if data_at + length > size:
                 break
-            if not info.isreg():
-                raise BitbenchError(f"shard {path} holds an unexpected tar entry {info.name!r}")
-            key, _, field = info.name.partition(".")
+            if kind not in (b"0", b"\0"):
+                raise BitbenchError(f"shard {path} holds an unexpected tar entry {name!r} (not a regular file)")
+            key, _, field = name.partition(".")
             if key != current:
                 if current is not None:
                     finish(current)
                 current, pending = key, {}
             if field == "cls":
                 try:
-                    pending["cls"] = int(mm[data_at:data_at + info.size])
+                    pending["cls"] = int(mm[data_at:data_at + length])
                 except ValueError:
                     raise BitbenchError(f"sample {key} in shard {path} has a corrupt cls entry") from None
             elif field == image_ext:
-                pending["offset"], pending["size"] = data_at, info.size
+                pending["offset"], pending["size"] = data_at, length
         if not ended:
             raise BitbenchError(f"shard {path} is truncated (it ends before the tar end marker)")
         if current is not None:
@@ -115,7 +128,7 @@ def index_split(manifest: dict, data_dir: str | os.PathLike, split: str) -> Spli
     """Index every shard of `split` (cached per process by path, size and mtime); checks counts against the manifest."""
     paths = shard_paths(manifest, data_dir, split)
     parts = []
-    for number, (path, entry) in enumerate(zip(paths, manifest["splits"][split]["shards"])):
+    for number, (path, entry) in enumerate(zip(paths, manifest["splits"][split]["shards"], strict=True)):
         stat = path.stat()
         cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, manifest["image_ext"])
         if cache_key not in _INDEX_CACHE:
@@ -179,7 +192,8 @@ def _read_sample(index: SplitIndex, files: _Files, row: int, channels: int) -> t
         raise BitbenchError(f"image {index.keys[row]} in shard {shard} does not decode: {reason}") from None
 
 
-def iter_samples(data_dir: str | os.PathLike, split: str, verify: str = "fast") -> Iterator[tuple[str, torch.Tensor, int]]:
+def iter_samples(data_dir: str | os.PathLike, split: str,
+                 verify: str = "fast") -> Iterator[tuple[str, torch.Tensor, int]]:
     """Every sample of `split` in shard order as (key, uint8 C×H×W image, label): no transform, no normalisation."""
     manifest = load_manifest(data_dir, verify=verify)
     index = index_split(manifest, data_dir, split)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +49,38 @@ def split_train_val(n_train: int, val_size: int, seed: int) -> tuple[np.ndarray,
     return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
-def _payload(split: SplitData, row: int) -> bytes:
-    if split.images is not None:
-        return encode_png(split.images[row])
+ENCODE_WORKERS = 2
+_POOL_IMAGES: np.ndarray | None = None  # the images the encoding pool's forked workers inherit
+
+
+def _encode_rows(rows: np.ndarray) -> list[bytes]:
+    return [encode_png(_POOL_IMAGES[row]) for row in rows]
+
+
+def _payloads(split: SplitData, rows: np.ndarray, chunk: int = 500) -> Iterator[bytes]:
+    """The stored bytes of each row, in order: original files as they are, or PNGs encoded by a small forked
+    pool (Pool.imap keeps the order) while this process writes the tars."""
+    global _POOL_IMAGES
+    if split.images is None:
+        for row in rows:
+            try:
+                yield split.files[row].read_bytes()
+            except OSError as err:
+                raise BitbenchError(f"cannot read {split.files[row]}: {err}") from None
+        return
+    if (os.cpu_count() or 1) < 2 or len(rows) < 4 * chunk:
+        yield from (encode_png(split.images[row]) for row in rows)
+        return
+    import multiprocessing
+
+    _POOL_IMAGES = split.images
+    pool = multiprocessing.get_context("fork").Pool(ENCODE_WORKERS)
     try:
-        return split.files[row].read_bytes()
-    except OSError as err:
-        raise BitbenchError(f"cannot read {split.files[row]}: {err}") from None
+        for encoded in pool.imap(_encode_rows, [rows[i:i + chunk] for i in range(0, len(rows), chunk)]):
+            yield from encoded
+    finally:
+        pool.terminate()
+        _POOL_IMAGES = None
 
 
 def _write_split(name: str, data: SplitData, rows: np.ndarray, ext: str, folder: Path, shard_size: int,
@@ -62,17 +88,19 @@ def _write_split(name: str, data: SplitData, rows: np.ndarray, ext: str, folder:
     import webdataset as wds
 
     shards = []
+    payloads = _payloads(data, rows)
     for start in range(0, len(rows), shard_size):
         chunk = rows[start:start + shard_size]
         path = folder / f"{name}-{len(shards):06d}.tar"
         # mtime=0 and a fixed owner/mode: byte-reproducible; encoder=False: we hand over finished bytes.
         with wds.TarWriter(str(path), encoder=False, mtime=0, compress=False) as writer:
-            for row in chunk:
+            for row, payload in zip(chunk, payloads):  # noqa: B905 (payloads run on)
                 writer.write({"__key__": sample_key(name, int(data.index[row])),
-                              "cls": str(int(data.labels[row])).encode(), ext: _payload(data, int(row))})
+                              "cls": str(int(data.labels[row])).encode(), ext: payload})
                 progress.update(1)
         shards.append({"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                        "samples": len(chunk)})
+    payloads.close()
     return {"count": int(len(rows)), "shards": shards}
 
 
@@ -167,7 +195,8 @@ def write_dataset(source: Source, out: str | os.PathLike, *, val_size: int, seed
     try:
         total = sum(len(rows) for _, rows, _ in plan.values())
         splits = {}
-        with tqdm(total=total, desc=f"prepare {source.dataset}", unit="img", disable=not progress) as bar:
+        with tqdm(total=total, desc=f"prepare {source.dataset}", unit="img", disable=not progress,
+                  mininterval=0.5) as bar:
             for name, (data, rows, origin) in plan.items():
                 splits[name] = {"from": origin, **_write_split(name, data, rows, source.image_ext, tmp,
                                                                 shard_size, bar)}

@@ -28,6 +28,7 @@ FASHION_MNIST_DIR = Path(os.environ.get("BITBENCH_FASHION_MNIST_DIR", "/usr/shar
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 IMAGENET_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 IMAGENET_META = "meta.mat"
 IMAGENET_DEVKIT_DATA = Path("ILSVRC2012_devkit_t12") / "data"
@@ -106,8 +107,6 @@ def torchvision_fashion_mnist(train: bool, source: Path | None = None, transform
     """torchvision.datasets.FashionMNIST over the Debian package's idx files (or `source`): the files are unpacked
     into the FashionMNIST/raw/ layout torchvision expects in a temporary folder (download stays off); the
     dataset holds its data in memory, so the folder goes away once it is built."""
-    import torchvision
-
     folder = FASHION_MNIST_DIR if source is None else source
     found = {name: _find_idx_file(folder, name) for name in FASHION_MNIST_FILES}
     missing = [name for name, path in found.items() if path is None]
@@ -116,6 +115,8 @@ def torchvision_fashion_mnist(train: bool, source: Path | None = None, transform
             raise BitbenchError(f"Fashion-MNIST files not found in {folder}: "
                                 f"apt-get install {FASHION_MNIST_PACKAGE}")
         raise BitbenchError(f"source folder {folder} lacks the Fashion-MNIST file {missing[0]}(.gz)")
+    import torchvision
+
     with tempfile.TemporaryDirectory(prefix="bitbench-fmnist-") as root:
         raw = Path(root) / "FashionMNIST" / "raw"
         raw.mkdir(parents=True)
@@ -150,15 +151,16 @@ def fashion_mnist(source: Path | None = None) -> Source:
 
 def cifar(dataset: str, source: Path | None, download: bool) -> Source:
     """CIFAR through torchvision.datasets.CIFAR10/100: from `source` (torchvision's layout) or downloaded."""
+    folder = CIFAR_FOLDERS[dataset]  # torchvision's base_folder, checked before the slow torchvision import
+    if source is None and not download:
+        raise BitbenchError(f"{dataset} needs --source DIR (a folder holding {folder}/) or --download")
+    if source is not None and source.name == folder:
+        source = source.parent  # accept the batches folder itself
+    if source is not None and not download and not (source / folder).is_dir():
+        raise BitbenchError(f"source folder {source} has no {folder}/ (torchvision's {dataset.upper()} layout)")
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
-    if source is None and not download:
-        raise BitbenchError(f"{dataset} needs --source DIR (a folder holding {cls.base_folder}/) or --download")
-    if source is not None and source.name == cls.base_folder:
-        source = source.parent  # accept the batches folder itself
-    if source is not None and not download and not (source / cls.base_folder).is_dir():
-        raise BitbenchError(f"source folder {source} has no {cls.base_folder}/ (torchvision's {cls.__name__} layout)")
     with tempfile.TemporaryDirectory(prefix=f"bitbench-{dataset}-") as scratch:
         root = source if source is not None else Path(scratch)  # a download without --source is not kept
         try:

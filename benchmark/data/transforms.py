@@ -8,7 +8,7 @@ reader's (seed, epoch, rank, batch) whatever the worker count, and never disturb
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -9,8 +9,8 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from benchmark.errors import BitbenchError
 
