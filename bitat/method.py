@@ -21,7 +21,7 @@ __all__ = ["BitatConfig", "FamilyPlan", "PLANS", "TRANSFORM_LR_PATTERN", "build_
 
 LOSSES = ("ce", "kd", "ce+kd")
 TRANSFORM_LR_PATTERN = "bitat_transform"  # substring of every V / s parameter name (Optim.group_lr)
-REG_WEIGHT = 1e-3  # λ of the 'scale-reg' and 'reading-b' variants [ours, untuned]
+REG_WEIGHT = 1e-2  # λ of the 'scale-reg' and 'reading-b' variants [ours, untuned; see docs/bitat.md]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class FamilyPlan:
 
 PLANS = {
     "mnist": FamilyPlan(steps=8, epochs_per_step=1, final_epochs=2, batch_size=128, lr=5e-4, transform_lr=1e-3,
-                        final_lr=1e-4, calibrate_batches=4),
+                        final_lr=1e-4, calibrate_batches=4, rows_per_batch=4096),
     "cifar": FamilyPlan(steps=16, epochs_per_step=3, final_epochs=8, batch_size=128, lr=5e-4, transform_lr=1e-3,
                         final_lr=1e-4, calibrate_batches=8),
     "imagenet": FamilyPlan(steps=16, epochs_per_step=2, final_epochs=4, batch_size=256, lr=5e-4,

@@ -161,7 +161,8 @@ class ImportanceAwareSign(nn.Module):
     def _transform_tensors(self) -> list[torch.Tensor]:
         """Every tensor α depends on besides W: V's parameters and buffers, and s with its Reading-B peers."""
         t = self.bitat_transform
-        return [*t.parameters(), *t.buffers(), *(p.importance_raw for p in t._peers if p is not t)]
+        peers = [p.importance_raw for p in t._peers if p is not t] if t.reading == "B" else []
+        return [*t.parameters(), *t.buffers(), *peers]
 
     def _cache_key(self, w: torch.Tensor) -> tuple:
         return tuple((x.data_ptr(), x._version, x.dtype, x.device) for x in (w, *self._transform_tensors()))
