@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from baselines import archs
-from baselines.archs.common import BinaryStyle
+from baselines.archs.common import BinaryStyle, InputQuantizerFactory, WeightQuantizerFactory
 from baselines.fp import SMALL_FAMILY_BUDGET, check_family, check_variant
 from baselines.quantizers import ApproxSign, ScaledSignWeight
 from baselines.recipe import MethodSpec, Optim, Recipe, Stage
@@ -26,7 +26,8 @@ class BiRealStyle(BinaryStyle):
     conv_shortcuts = True
     stem_act = False
 
-    def __init__(self, weight_grad: str = "clamp", input_quantizer=None, weight_quantizer=None) -> None:
+    def __init__(self, weight_grad: str = "clamp", input_quantizer: InputQuantizerFactory | None = None,
+                 weight_quantizer: WeightQuantizerFactory | None = None) -> None:
         super().__init__(input_quantizer or (lambda channels: ApproxSign()),
                          weight_quantizer or (lambda: ScaledSignWeight(weight_grad)))
 

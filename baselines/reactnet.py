@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from baselines import archs
-from baselines.archs.common import BinaryStyle
+from baselines.archs.common import BinaryStyle, ActFactory, InputQuantizerFactory, WeightQuantizerFactory
 from baselines.fp import SMALL_FAMILY_BUDGET, check_family, check_variant
 from baselines.layers import RPReLU, RSign, binary_layers, set_binarize_weights
 from baselines.quantizers import ScaledSignWeight
@@ -38,10 +38,11 @@ class ReActStyle(BinaryStyle):
     conv_shortcuts = True
     stem_act = False
 
-    def __init__(self, input_quantizer=None, weight_quantizer=None) -> None:
+    def __init__(self, input_quantizer: InputQuantizerFactory | None = None,
+                 weight_quantizer: WeightQuantizerFactory | None = None) -> None:
         super().__init__(input_quantizer or RSign, weight_quantizer or (lambda: ScaledSignWeight("clamp")))
 
-    def act(self, channels: int, default) -> nn.Module:
+    def act(self, channels: int, default: ActFactory | None) -> nn.Module:
         return RPReLU(channels)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from baselines import archs
-from baselines.archs.common import BinaryStyle
+from baselines.archs.common import BinaryStyle, Style, InputQuantizerFactory, WeightQuantizerFactory
 from baselines.fp import SMALL_FAMILY_BUDGET, check_family, check_variant
 from baselines.quantizers import ScaledSignWeight, SteSign
 from baselines.recipe import MethodSpec, Optim, Recipe, Stage
@@ -28,7 +28,8 @@ class XnorStyle(BinaryStyle):
     name = "xnor"
     head_norm = True
 
-    def __init__(self, activation_scale: bool = False, input_quantizer=None, weight_quantizer=None) -> None:
+    def __init__(self, activation_scale: bool = False, input_quantizer: InputQuantizerFactory | None = None,
+                 weight_quantizer: WeightQuantizerFactory | None = None) -> None:
         super().__init__(input_quantizer or (lambda channels: SteSign()),
                          weight_quantizer or (lambda: ScaledSignWeight("xnor_exact")), activation_scale)
 
@@ -36,7 +37,7 @@ class XnorStyle(BinaryStyle):
         return nn.Sequential(nn.BatchNorm2d(cin), self.conv(cin, cout, k, stride, groups))
 
     def downsample(self, cin: int, cout: int, stride: int) -> nn.Module:
-        return archs.Style.downsample(self, cin, cout, stride)
+        return Style.downsample(self, cin, cout, stride)  # torchvision's projection, not Bi-Real's
 
 
 def build(arch: str, num_classes: int, in_channels: int, image_size: int, variant: str = "noK") -> nn.Module:

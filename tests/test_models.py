@@ -117,6 +117,22 @@ def test_variants_change_the_quantizers():
     assert {m.weight_quantizer.grad for _, m in binary_layers(code)} == {"clamp"}
 
 
+def test_styles_accept_other_quantizers_for_new_methods():
+    """The hook BiTAT uses: the same backbone and block structure with its own weight quantizer."""
+    from baselines.archs import build
+    from baselines.quantizers import SignWeight
+    from baselines.reactnet import ReActStyle
+
+    model = build("mobilenetv2", ReActStyle(weight_quantizer=SignWeight), num_classes=10, in_channels=3, image_size=32)
+    layers = binary_layers(model)
+    assert len(layers) == BINARY_CONVS["mobilenetv2"]
+    assert all(isinstance(m.weight_quantizer, SignWeight) for _, m in layers)
+    assert len({id(m.weight_quantizer) for _, m in layers}) == len(layers)  # one quantizer module per conv
+    assert set(model(torch.randn(1, 3, 32, 32)).shape) == {1, 10}
+    with pytest.raises(KeyError, match="valid: resnet20"):
+        build("vgg", ReActStyle(), 10, 3, 32)
+
+
 def test_registry_lists_everything():
     names = [m.name for m in models.list_methods()]
     assert names[:4] == list(BASELINES)

@@ -19,6 +19,8 @@ from baselines.layers import BinaryConv2d
 IMAGENET_STEM_MIN_SIZE = 128
 
 ActFactory = Callable[[], nn.Module]
+InputQuantizerFactory = Callable[[int], nn.Module]  # channels -> activation quantizer
+WeightQuantizerFactory = Callable[[], nn.Module]
 
 
 class Style:
@@ -66,7 +68,7 @@ class BinaryStyle(Style):
     name = "binary"
     binary = True
 
-    def __init__(self, input_quantizer: Callable[[int], nn.Module], weight_quantizer: Callable[[], nn.Module],
+    def __init__(self, input_quantizer: InputQuantizerFactory, weight_quantizer: WeightQuantizerFactory,
                  activation_scale: bool = False) -> None:
         self.input_quantizer = input_quantizer
         self.weight_quantizer = weight_quantizer
