@@ -207,12 +207,12 @@ def plan(cells: list[dict[str, Any]], profile: dict[str, Any], runs_root: str | 
                                           spec.get("variant"), spec.get("seed", 0))
         spec["run_dir"] = str(Path(spec["run_dir"]).resolve())
         cfg = resolve_config(spec, check_dependencies=False)
-        if cfg["recipe"]["batch_size"] % cfg["world_size"]:
-            raise BitbenchError(f"{cfg['run_dir']}: batch size {cfg['recipe']['batch_size']} is not divisible by "
-                                f"the world size {cfg['world_size']} of profile {profile['name']!r}")
         if cfg["world_size"] != world_size(profile):
             raise BitbenchError(f"{cfg['run_dir']}: world size {cfg['world_size']} does not match profile "
                                 f"{profile['name']!r} ({profile['nodes']} nodes x {profile['tasks_per_node']} tasks)")
+        if cfg["recipe"]["batch_size"] % cfg["world_size"]:
+            raise BitbenchError(f"{cfg['run_dir']}: batch size {cfg['recipe']['batch_size']} is not divisible by "
+                                f"the world size {cfg['world_size']} of profile {profile['name']!r}")
         name = str(Path(cfg["run_dir"]).relative_to(runs_root)) if Path(cfg["run_dir"]).is_relative_to(runs_root) \
             else cfg["run_dir"]
         if name in runs:
@@ -305,6 +305,16 @@ def _collect(run: Run) -> None:
         run.status, run.reason = "failed", "the ranks returned different metrics"
 
 
+def _slurm_finished(job: Any) -> bool:
+    """Whether SLURM considers the job over. Its result files alone do not say so: the interrupted attempt of a
+    requeued job (preemption, time limit) may leave an error result behind (submitit's own `scontrol requeue`
+    can be killed by the requeue it asked for), which the next attempt replaces."""
+    state = job.watcher.get_state(job.job_id, mode="cache").upper()
+    if state == "UNKNOWN":  # no answer from sacct: the result files are all there is to go by
+        return job.done()
+    return job.watcher.is_done(job.job_id, mode="cache")
+
+
 def _state(job: Any) -> str:
     try:
         return str(job.state).upper()
@@ -347,6 +357,8 @@ class _Scheduler:
     def __init__(self, runs: list[Run], profile: dict[str, Any], log_dir: Path, status: _Status, poll_s: float):
         self.runs, self.profile, self.status, self.poll_s = runs, profile, status, poll_s
         self.executor = make_executor(profile, log_dir)
+        with contextlib.suppress(OSError):
+            (log_dir / "%j").rmdir()  # submitit creates its folder pattern literally; jobs get their own folders
         self.active: list[Run] = []
 
     def step(self) -> bool:
@@ -401,7 +413,7 @@ class _Scheduler:
             if self.profile["executor"] == "debug":
                 self._run_here(run)
                 continue
-            if not run.job.done():
+            if not (_slurm_finished(run.job) if self.profile["executor"] == "slurm" else run.job.done()):
                 run.status = "running" if _state(run.job) in ("RUNNING", "COMPLETING") else "pending"
                 continue
             self.active.remove(run)

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# GPU check, at most ~8 minutes on one CUDA machine: DDP training over NCCL (2 processes with 2+ GPUs, else 1)
+# in mixed precision (bf16 autocast) on Fashion-MNIST: the full-precision resnet20, then ReActNet distilled from it.
+# Prepares the data if needed, prints images/s per run and the results as JSON (also written to $OUT/result.json).
+# Usage: bash scripts/gpu-check.sh [OUT]   (default OUT: runs/gpu-check; env: BITBENCH_VENV, BITBENCH_DATA_ROOT)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${BITBENCH_VENV:-$HOME/.venvs/bitbench}"
+PY="$VENV/bin/python"
+[ -x "$PY" ] || { echo "gpu-check: no virtual environment at $VENV: run scripts/setup.sh first" >&2; exit 1; }
+OUT="$(mkdir -p "${1:-runs/gpu-check}" && cd "${1:-runs/gpu-check}" && pwd)"
+DATA="${BITBENCH_DATA_ROOT:-data}/fashion-mnist"
+EPOCHS=2 BATCH=256 WORKERS=4 RUN_LIMIT_S=180
+
+# Fail clearly, before any work, where there is no usable CUDA device.
+gpus="$("$PY" - <<'EOF'
+import sys
+import torch
+if not torch.cuda.is_available():
+    why = "torch was built without CUDA" if torch.version.cuda is None else "no NVIDIA GPU or driver is visible"
+    sys.exit(f"gpu-check: no CUDA device ({why}; torch {torch.__version__}). Run this on a machine with a GPU.")
+if not torch.distributed.is_nccl_available():
+    sys.exit("gpu-check: this torch build has no NCCL backend")
+print(torch.cuda.device_count())
+EOF
+)"
+nproc=$(( gpus >= 2 ? 2 : 1 ))
+echo "gpu-check: $gpus GPU(s) visible, training with $nproc process(es) over NCCL, bf16 autocast"
+
+if [ ! -f "$DATA/manifest.json" ]; then
+  echo "gpu-check: preparing Fashion-MNIST in $DATA"
+  "$PY" -m benchmark prepare --dataset fashion-mnist --out "$DATA" --quiet
+fi
+
+runs="$OUT/runs"
+rm -rf "$runs"  # measure a fresh run, never a cached one
+for method in fp reactnet; do  # reactnet's teacher is the fp run just trained beside it
+  echo "gpu-check: training $method (resnet20, $EPOCHS epochs, global batch $BATCH)"
+  timeout --signal=TERM --kill-after=20 "$RUN_LIMIT_S" \
+    "$VENV/bin/torchrun" --standalone --nnodes=1 --nproc-per-node="$nproc" -m benchmark train \
+      --dataset fashion-mnist --data-dir "$DATA" --arch resnet20 --method "$method" --seed 0 --runs-root "$runs" \
+      --set epochs="$EPOCHS" --set batch_size="$BATCH" --set workers="$WORKERS" --set amp=true \
+      > "$OUT/$method.log" 2>&1 \
+    || { rc=$?; echo "gpu-check: $method failed (exit $rc); last lines of $OUT/$method.log:" >&2
+         tail -n 30 "$OUT/$method.log" >&2; exit 1; }
+done
+
+"$PY" - "$runs" "$OUT/result.json" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+result = {"gpu": torch.cuda.get_device_name(0), "gpus_visible": torch.cuda.device_count(),
+          "torch": torch.__version__, "cuda": torch.version.cuda,
+          "nccl": ".".join(map(str, torch.cuda.nccl.version())), "runs": {}}
+for method in ("fp", "reactnet"):
+    m = json.loads((runs / "fashion-mnist" / "resnet20" / method / "seed0" / "metrics.json").read_text())
+    keep = ("world_size", "device", "epochs", "steps_per_epoch", "images_per_second", "train_seconds",
+            "wall_seconds", "test_top1", "test_top1_at_best_val", "val_top1")
+    result["runs"][method] = {k: m[k] for k in keep}
+    print(f"gpu-check: {method:9s} {m['images_per_second']:10.0f} images/s  test top-1 {m['test_top1']:.2f}  "
+          f"({m['world_size']} process(es), {m['wall_seconds']:.0f} s)")
+tmp = out.with_name(out.name + ".tmp")
+tmp.write_text(json.dumps(result, indent=2) + "\n")
+tmp.replace(out)
+print(json.dumps(result, indent=2))
+EOF
