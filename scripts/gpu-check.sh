@@ -53,9 +53,10 @@ from pathlib import Path
 import torch
 
 runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+nccl = torch.cuda.nccl.version()
 result = {"gpu": torch.cuda.get_device_name(0), "gpus_visible": torch.cuda.device_count(),
           "torch": torch.__version__, "cuda": torch.version.cuda,
-          "nccl": ".".join(map(str, torch.cuda.nccl.version())), "runs": {}}
+          "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl), "runs": {}}
 for method in ("fp", "reactnet"):
     m = json.loads((runs / "fashion-mnist" / "resnet20" / method / "seed0" / "metrics.json").read_text())
     keep = ("world_size", "device", "epochs", "steps_per_epoch", "images_per_second", "train_seconds",
