@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import mmap
+import multiprocessing
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -306,8 +307,12 @@ class ShardLoader:
         else:
             # Our own generator: the DataLoader's base-seed draw must not consume the training process's RNG.
             generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) & 0xFFFF_FFFF)
+            # Fork where there is fork: workers start in milliseconds each epoch, also inside processes that were
+            # themselves spawned (whose default would be spawn: a fresh interpreter importing torch per worker).
+            context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
             items = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                                                pin_memory=self.pin_memory, generator=generator)
+                                                pin_memory=self.pin_memory, generator=generator,
+                                                multiprocessing_context=context)
         for item in items:
             if isinstance(item, dict):
                 raise BitbenchError(item["error"])

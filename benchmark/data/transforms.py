@@ -13,16 +13,23 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from torchvision.transforms.v2 import functional as F
 
 BatchTransform = Callable[[Sequence[torch.Tensor], "np.random.Generator | None"], torch.Tensor]
 EVAL_CROP_FRACTION = 0.875  # 224 of 256
 
 
+def _functional():
+    """torchvision's v2 functional ops, imported on first use (torchvision costs seconds to import and the
+    fixed-size datasets at their own size never need it)."""
+    from torchvision.transforms.v2 import functional
+
+    return functional
+
+
 def _fit(batch: torch.Tensor, size: int) -> torch.Tensor:
     if batch.shape[-1] == size and batch.shape[-2] == size:
         return batch
-    return F.resize(batch, [size, size], antialias=True)
+    return _functional().resize(batch, [size, size], antialias=True)
 
 
 def _flip(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -81,6 +88,7 @@ class RandomResizedCrop:
         self.size, self.flip = size, flip
 
     def __call__(self, images: Sequence[torch.Tensor], rng: np.random.Generator) -> torch.Tensor:
+        F = _functional()
         crops = []
         for image in images:
             top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], rng)
@@ -96,6 +104,7 @@ class ResizeCenterCrop:
         self.size, self.resize = size, int(round(size / EVAL_CROP_FRACTION))
 
     def __call__(self, images: Sequence[torch.Tensor], rng: np.random.Generator | None = None) -> torch.Tensor:
+        F = _functional()
         return torch.stack([F.center_crop(F.resize(image, self.resize, antialias=True), [self.size, self.size])
                             for image in images])
 
