@@ -173,7 +173,7 @@ class Run:
     name: str
     config: dict[str, Any]
     needs: list["Run"] = field(default_factory=list)
-    status: str = "waiting"  # waiting | pending | running | done | cached | failed | skipped | cancelled
+    status: str = "waiting"  # waiting | pending | running | done | cached | failed | skipped | cancelled | planned
     job: Any = None
     log: str | None = None
     reason: str | None = None
@@ -325,7 +325,7 @@ def _state(job: Any) -> str:
 class _Status:
     """Which runs are waiting, pending, running, done and failed: a tqdm bar on a terminal, else one line per change."""
 
-    ORDER = ("waiting", "pending", "running", "done", "cached", "failed", "skipped", "cancelled")
+    ORDER = ("planned", "waiting", "pending", "running", "done", "cached", "failed", "skipped", "cancelled")
 
     def __init__(self, runs: list[Run], quiet: bool = False):
         self.runs, self.quiet, self.last = runs, quiet, None
@@ -463,6 +463,10 @@ def launch(grid_cells: list[dict[str, Any]], profile: str | Path | dict[str, Any
     status.say(f"{len(runs)} run(s), {cached} already finished (cached), profile {profile['name']!r} "
                f"({profile['executor']}, {world_size(profile)} process(es) per run)")
     if dry_run:
+        for run in runs:
+            if run.status == "waiting":
+                run.status = "planned"
+                run.reason = f"after {', '.join(d.name for d in run.needs)}" if run.needs else None
         status.close()
         return _summary(runs, profile, runs_root, started, None, write=False)
     log_dir = Path(log_dir) if log_dir else runs_root / "logs" / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")

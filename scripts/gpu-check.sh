@@ -8,7 +8,6 @@ cd "$(dirname "$0")/.."
 VENV="${BITBENCH_VENV:-$HOME/.venvs/bitbench}"
 PY="$VENV/bin/python"
 [ -x "$PY" ] || { echo "gpu-check: no virtual environment at $VENV: run scripts/setup.sh first" >&2; exit 1; }
-OUT="$(mkdir -p "${1:-runs/gpu-check}" && cd "${1:-runs/gpu-check}" && pwd)"
 DATA="${BITBENCH_DATA_ROOT:-data}/fashion-mnist"
 EPOCHS=2 BATCH=256 WORKERS=4 RUN_LIMIT_S=180
 
@@ -25,6 +24,7 @@ print(torch.cuda.device_count())
 EOF
 )"
 nproc=$(( gpus >= 2 ? 2 : 1 ))
+OUT="$(mkdir -p "${1:-runs/gpu-check}" && cd "${1:-runs/gpu-check}" && pwd)"
 echo "gpu-check: $gpus GPU(s) visible, training with $nproc process(es) over NCCL, bf16 autocast"
 
 if [ ! -f "$DATA/manifest.json" ]; then

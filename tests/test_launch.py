@@ -142,6 +142,22 @@ def test_bad_grid_fails_before_anything_is_submitted(problem, fmnist_dir, tmp_pa
         assert slurm_job_ids() == before
 
 
+def test_dry_run_shows_the_plan_from_params_and_submits_nothing(fmnist_dir, tmp_path, capsys):
+    params = write_params(tmp_path / "params.yaml", fmnist_dir.parent, ["fp", "reactnet", "bireal:paper"],
+                          "example-multinode", epochs=1)
+    # the command line wins over params.yaml: another profile, seeds and runs root
+    argv = ["launch", "--params", str(params), "--profile", "local", "--seeds", "0", "1",
+            "--runs-root", str(tmp_path / "runs"), "--dry-run"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert len(lines) == 1 + 6 and "profile 'local'" in out.err
+    assert any(re.match(r"fashion-mnist/resnet20/reactnet/seed1 +planned +after fashion-mnist/resnet20/fp/seed1$", ln)
+               for ln in lines), out.out
+    assert any(ln.startswith("fashion-mnist/resnet20/bireal-paper/seed0 ") for ln in lines), out.out
+    assert not (tmp_path / "runs").exists()
+
+
 def test_world_size_must_match_profile_and_divide_the_batch(fmnist_dir, tmp_path):
     cells = grid_cells(["fashion-mnist"], ["resnet20"], ["fp"], [0], fmnist_dir.parent, common_overrides=TINY)
     cells[0]["overrides"]["world_size"] = 4
@@ -184,6 +200,16 @@ def test_local_grid_runs_in_parallel_waits_for_the_teacher_and_caches(fmnist_dir
     assert again["counts"] == {"cached": 3} and all(r["job_id"] is None for r in again["runs"])
     assert {m: r["metrics"] for m, r in by_method(again).items()} == {m: r["metrics"] for m, r in runs.items()}
     assert time.time() - t0 < 30
+
+
+def test_debug_profile_trains_in_this_process(fmnist_dir, tmp_path):
+    cells = grid_cells(["fashion-mnist"], ["resnet20"], ["fp"], [0], fmnist_dir.parent,
+                       common_overrides={**TINY, "epochs": 1})
+    summary = launch(cells, "debug", tmp_path / "runs", poll_s=0.1, quiet=True)
+    (run,) = summary["runs"]
+    assert summary["ok"] and run["status"] == "done" and run["job_id"].startswith("DEBUG_")
+    environment = json.loads((Path(run["run_dir"]) / "environment.json").read_text())
+    assert environment["world_size"] == 1 and run["metrics"]["test_samples"] == 256
 
 
 # ----------------------------------------------------------------------------------------------- SLURM
