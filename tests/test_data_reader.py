@@ -157,6 +157,11 @@ def test_train_loader_is_equal_disjoint_reshuffled_and_reproducible(tiny_dir):
     assert order(second_epoch) != order(first) and order(other_seed) != order(first)
     capped = ShardLoader(tiny_dir, "train", 4, train=True, max_batches=2, num_workers=0)
     assert len(capped) == len(list(capped)) == 2
+    open_files = len(os.listdir("/proc/self/fd"))
+    for e in range(5):  # shard files are closed again after each epoch
+        capped.set_epoch(e)
+        list(capped)
+    assert len(os.listdir("/proc/self/fd")) == open_files
     with pytest.raises(BitbenchError, match="fewer than world size × batch size"):
         ShardLoader(tiny_dir, "train", 16, train=True, world_size=4)
 

@@ -170,6 +170,11 @@ class _Files:
     def __getstate__(self) -> dict:
         return {"paths": self.paths, "fds": {}, "pid": None}
 
+    def __del__(self) -> None:
+        if self.pid == os.getpid():
+            for fd in self.fds.values():
+                os.close(fd)
+
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
     """PNG/JPEG bytes → uint8 C×H×W tensor with `channels` channels (1: grayscale, 3: RGB)."""
