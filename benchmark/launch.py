@@ -11,7 +11,9 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -94,6 +96,26 @@ def load_profile(profile: str | Path | dict[str, Any]) -> dict[str, Any]:
     if not all(isinstance(line, str) for line in out["setup"]):
         raise BitbenchError(f"{where}: setup must be a list of shell lines")
     return out
+
+
+def check_cluster(profile: dict[str, Any]) -> None:
+    """For a SLURM profile: the cluster answers and has the profile's partition (else BitbenchError, nothing sent)."""
+    if profile["executor"] != "slurm":
+        return
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        raise BitbenchError(f"profile {profile['name']!r} needs SLURM's client commands (sbatch, sinfo) on PATH")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise BitbenchError("SLURM does not answer (sinfo timed out after 60 s)") from None
+    if out.returncode != 0:
+        why = (out.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("sinfo: ")
+        raise BitbenchError(f"SLURM does not answer (sinfo: {why}); for the local test cluster: "
+                            f"source slurm/local-cluster/env.sh && bash slurm/local-cluster/start.sh")
+    partitions = set(out.stdout.split())
+    if profile["partition"] and profile["partition"] not in partitions:
+        raise BitbenchError(f"profile {profile['name']!r} asks for partition {profile['partition']!r}, which this "
+                            f"cluster does not have (partitions: {', '.join(sorted(partitions)) or 'none'})")
 
 
 def world_size(profile: dict[str, Any]) -> int:
@@ -395,8 +417,15 @@ class _Scheduler:
             moved = _set_aside_stale(run)
             if moved:
                 self.status.say(f"{run.name} held another config: moved it to {moved}")
-        with _submission_env():
-            jobs = self.executor.submit_array([TrainJob(r.config) for r in ready])
+        try:
+            with _submission_env():
+                jobs = self.executor.submit_array([TrainJob(r.config) for r in ready])
+        except Exception as err:  # noqa: BLE001 - e.g. sbatch refusing the job: these runs fail, others go on
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            for run in ready:
+                run.status, run.reason = "failed", f"submission failed: {lines[-1] if lines else type(err).__name__}"
+                self.status.say(f"FAILED {run.name}: {run.reason}")
+            return
         for run, job in zip(ready, jobs):
             run.job, run.status = job, "pending"
             run.log = str(_task_jobs(job)[0].paths.stderr)
@@ -457,6 +486,7 @@ def launch(grid_cells: list[dict[str, Any]], profile: str | Path | dict[str, Any
     profile = load_profile(profile)
     runs_root = Path(runs_root).resolve()
     runs = plan(grid_cells, profile, runs_root)
+    check_cluster(profile)
     started = time.time()
     status = _Status(runs, quiet=quiet)
     cached = sum(r.status == "cached" for r in runs)

@@ -158,6 +158,24 @@ def test_dry_run_shows_the_plan_from_params_and_submits_nothing(fmnist_dir, tmp_
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slurm
+@slurm_running
+def test_what_the_cluster_refuses_is_reported_and_nothing_runs(fmnist_dir, tmp_path):
+    cells = grid_cells(["fashion-mnist"], ["resnet20"], ["fp"], [0], fmnist_dir.parent, common_overrides=TINY)
+    profile = {**load_profile("local-cluster"), "name": "wrong-partition", "partition": "gpu"}
+    before = slurm_job_ids()
+    with pytest.raises(BitbenchError, match=r"asks for partition 'gpu', which this cluster does not have "
+                                            r"\(partitions: debug\)"):
+        launch(cells, profile, tmp_path / "runs", quiet=True)
+    assert slurm_job_ids() == before and not (tmp_path / "runs").exists()
+    # sbatch itself refuses GPUs this cluster does not have (no GRES): the run fails with sbatch's reason
+    summary = launch(cells, {**load_profile("local-cluster"), "gpus_per_node": 1}, tmp_path / "runs", quiet=True)
+    (run,) = summary["runs"]
+    assert not summary["ok"] and run["status"] == "failed" and run["job_id"] is None
+    assert run["reason"] == "submission failed: sbatch: error: Invalid generic resource (gres) specification"
+    assert slurm_job_ids() == before
+
+
 def test_world_size_must_match_profile_and_divide_the_batch(fmnist_dir, tmp_path):
     cells = grid_cells(["fashion-mnist"], ["resnet20"], ["fp"], [0], fmnist_dir.parent, common_overrides=TINY)
     cells[0]["overrides"]["world_size"] = 4
