@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,18 @@ def sh(*cmd: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def sbatch_wait(tmp_path: Path, *args: str) -> str:
-    """Submit with --wait (returns when the job has ended) and return the job id."""
-    out = sh("sbatch", "--parsable", "--wait", "--time=2", *args, cwd=tmp_path)
+def sbatch_wait(tmp_path: Path, *args: str, timeout: float = 60) -> str:
+    """Submit, wait until every task of the job has ended (squeue keeps finished jobs), return the job id."""
+    out = sh("sbatch", "--parsable", "--time=2", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    return out.stdout.strip().split(";")[0]
+    job = out.stdout.strip().split(";")[0]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = sh("squeue", "-h", "--states=all", "-j", job, "-o", "%T").stdout.split()
+        if states and not set(states) & {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING"}:
+            return job
+        time.sleep(0.2)
+    pytest.fail(f"job {job} did not end within {timeout} s")
 
 
 def test_batch_job_runs_and_sacct_shim_reports_it(tmp_path):
