@@ -4,7 +4,8 @@ that error as a regulariser on the latent weights.
 
 The forward value is always scale[c]·(±1), so the layer stays a plain binary conv at inference (the export
 audit packs it). Because α depends on V and s, the task loss trains them ("task-dependent"). A layer whose
-weight and transform are all frozen reuses a cached quantized weight, so frozen layers cost nothing extra.
+weight and transform are all frozen (or that runs without autograd, e.g. evaluation) reuses a cached quantized
+weight until one of the tensors it depends on changes, so frozen layers cost nothing extra.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class ImportanceAwareSign(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         frozen = not (w.requires_grad or any(p.requires_grad for p in self._transform_tensors()))
-        if frozen:
+        if frozen or not torch.is_grad_enabled():  # no graph needed: reuse while no tensor it depends on changed
             key = self._cache_key(w)
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]

@@ -168,6 +168,13 @@ def test_frozen_layer_reuses_its_quantized_weight_until_its_state_changes():
     q = calibrated(conv, correlated_inputs(n=32))
     live = q(conv.weight)
     assert live.requires_grad
+    with torch.no_grad():  # evaluation: no graph, so reuse while nothing changed, even for a training layer
+        first = q(conv.weight)
+        assert q(conv.weight) is first
+        conv.weight.add_(0.01)  # an optimizer step changes the weight in place
+        assert q(conv.weight) is not first
+        conv.weight.sub_(0.01)
+    assert q(conv.weight).requires_grad  # with autograd on, a training layer never returns the cache
     conv.weight.requires_grad_(False)
     q.bitat_transform.requires_grad_(False)
     first, second = q(conv.weight), q(conv.weight)
