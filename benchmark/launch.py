@@ -377,10 +377,8 @@ class _Scheduler:
     """Submits ready runs (dependencies finished), polls the jobs, and settles each run's final status."""
 
     def __init__(self, runs: list[Run], profile: dict[str, Any], log_dir: Path, status: _Status, poll_s: float):
-        self.runs, self.profile, self.status, self.poll_s = runs, profile, status, poll_s
-        self.executor = make_executor(profile, log_dir)
-        with contextlib.suppress(OSError):
-            (log_dir / "%j").rmdir()  # submitit creates its folder pattern literally; jobs get their own folders
+        self.runs, self.profile, self.status, self.poll_s, self.log_dir = runs, profile, status, poll_s, log_dir
+        self.executor: submitit.Executor | None = None  # made at the first submission: no log folder otherwise
         self.active: list[Run] = []
 
     def step(self) -> bool:
@@ -417,6 +415,7 @@ class _Scheduler:
             moved = _set_aside_stale(run)
             if moved:
                 self.status.say(f"{run.name} held another config: moved it to {moved}")
+        self.executor = self.executor or make_executor(self.profile, self.log_dir)
         try:
             with _submission_env():
                 jobs = self.executor.submit_array([TrainJob(r.config) for r in ready])
@@ -466,6 +465,10 @@ class _Scheduler:
             top1 = (run.metrics or {}).get("test_top1") if isinstance(run.metrics, dict) else None
             self.status.say(f"done {run.name}" + ("" if top1 is None else f" (test top-1 {top1:.2f})"))
 
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.log_dir / "%j").rmdir()  # submitit makes its folder pattern literally; each job has its own
+
     def cancel(self) -> None:
         for run in self.active:
             with contextlib.suppress(Exception):
@@ -510,6 +513,8 @@ def launch(grid_cells: list[dict[str, Any]], profile: str | Path | dict[str, Any
         status.close()
         _summary(runs, profile, runs_root, started, log_dir)
         raise
+    finally:
+        scheduler.close()
     status.close()
     return _summary(runs, profile, runs_root, started, log_dir)
 

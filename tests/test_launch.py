@@ -218,6 +218,9 @@ def test_local_grid_runs_in_parallel_waits_for_the_teacher_and_caches(fmnist_dir
     assert again["counts"] == {"cached": 3} and all(r["job_id"] is None for r in again["runs"])
     assert {m: r["metrics"] for m, r in by_method(again).items()} == {m: r["metrics"] for m, r in runs.items()}
     assert time.time() - t0 < 30
+    # one log folder per job, and none for the launch that had nothing to train
+    job_dirs = sorted(p for p in (tmp_path / "runs" / "logs").glob("*/*"))
+    assert job_dirs == sorted(Path(r["log"]).parent for r in runs.values())
 
 
 def test_debug_profile_trains_in_this_process(fmnist_dir, tmp_path):
@@ -257,7 +260,7 @@ def slurm_pair(fmnist_dir, tmp_path_factory):
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
         wait_for(lambda: _squeue_state(job_id) in ("PENDING", "REQUEUED"), 60, "the requeue")
         # a requeued job waits ~2 min (BeginTime); let it start now
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
         results = {}
         for name, proc in (("reference", reference), ("interrupted", interrupted)):
             out, err = proc.communicate(timeout=300)
