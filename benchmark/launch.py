@@ -396,7 +396,8 @@ class _Scheduler:
             for run in self.runs:
                 bad = [d for d in run.needs if d.status in ("failed", "skipped", "cancelled")]
                 if run.status == "waiting" and bad:
-                    run.status, run.reason = "skipped", f"needs {bad[0].name}, which {bad[0].status.replace('skipped', 'was skipped')}"
+                    what = {"failed": "failed", "skipped": "was skipped", "cancelled": "was cancelled"}[bad[0].status]
+                    run.status, run.reason = "skipped", f"needs {bad[0].name}, which {what}"
                     self.status.say(f"skipped {run.name}: {run.reason}")
                     changed = True
 
