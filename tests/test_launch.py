@@ -3,7 +3,6 @@ through the real local SLURM cluster a 2-task DDP run, a requeue that resumes, a
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
