@@ -163,16 +163,18 @@ def parse_method(entry: str) -> tuple[str, str | None]:
 
 def grid_cells(datasets: list[str], archs: list[str], methods: list[str], seeds: list[int],
                data_root: str | Path = "data", overrides: dict[str, dict[str, Any]] | None = None,
-               common_overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+               common_overrides: dict[str, Any] | None = None,
+               method_overrides: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Grid cells (the spec `benchmark.runs.resolve_config` reads) for datasets x archs x methods x seeds.
-    `overrides` maps a dataset to its recipe overrides; `common_overrides` apply to every cell, last."""
+    `overrides` maps a dataset to its recipe overrides, `method_overrides` a grid method entry (`method` or
+    `method:variant`) to its own, applied after the dataset's; `common_overrides` apply to every cell, last."""
     for name, values in (("datasets", datasets), ("archs", archs), ("methods", methods), ("seeds", seeds)):
         if not values:
             raise BitbenchError(f"the grid has no {name}")
-    overrides = overrides or {}
-    for dataset, values in overrides.items():
+    overrides, method_overrides = overrides or {}, method_overrides or {}
+    for key, values in (*overrides.items(), *method_overrides.items()):
         if not isinstance(values, dict):
-            raise BitbenchError(f"overrides for {dataset!r} must be a mapping of key: value, got {values!r}")
+            raise BitbenchError(f"overrides for {key!r} must be a mapping of key: value, got {values!r}")
     cells = []
     for dataset in datasets:
         for arch in archs:
@@ -183,7 +185,8 @@ def grid_cells(datasets: list[str], archs: list[str], methods: list[str], seeds:
                         raise BitbenchError(f"seed {seed!r} is not an integer")
                     cells.append({"dataset": dataset, "data_dir": str(Path(data_root) / dataset), "arch": arch,
                                   "method": method, "variant": variant, "seed": seed,
-                                  "overrides": {**overrides.get(dataset, {}), **(common_overrides or {})}})
+                                  "overrides": {**overrides.get(dataset, {}), **method_overrides.get(entry, {}),
+                                                **(common_overrides or {})}})
     return cells
 
 
@@ -593,7 +596,8 @@ def run(args: argparse.Namespace) -> int:
     cells = grid_cells(
         list(datasets), list(pick(_split(args.archs), "archs", ["resnet20"])), list(methods),
         list(pick(args.seeds, "seeds", [0])), data_root=args.data_root or params.get("data_root", "data"),
-        overrides=params.get("overrides") or {}, common_overrides=parse_overrides(args.set))
+        overrides=params.get("overrides") or {}, common_overrides=parse_overrides(args.set),
+        method_overrides=params.get("method_overrides") or {})
     profile = args.profile or (params.get("launcher") or {}).get("profile", "local")
     runs_root = args.runs_root or params.get("runs_root", "runs")
 
