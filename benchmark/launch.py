@@ -130,6 +130,10 @@ def make_executor(profile: dict[str, Any], folder: str | Path) -> submitit.Execu
         return submitit.DebugExecutor(folder)
     if profile["executor"] == "local":
         ex = submitit.LocalExecutor(folder, max_num_timeout=profile["max_num_timeout"])
+        # Concurrent local runs share this machine's cores: give each task its share of torch threads (CPU
+        # oversubscription makes OpenMP threads spin against each other, ten times slower here).
+        share = (os.cpu_count() or 1) // (profile["array_parallelism"] * profile["tasks_per_node"])
+        os.environ.setdefault("BITBENCH_THREADS", str(max(1, share)))
         params = {"timeout_min": profile["timeout_min"], "nodes": 1, "tasks_per_node": profile["tasks_per_node"],
                   "gpus_per_node": profile["gpus_per_node"], "signal_delay_s": profile["signal_delay_s"],
                   "setup": list(profile["setup"])}

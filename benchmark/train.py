@@ -163,8 +163,9 @@ def _train(cfg: dict[str, Any], info: distributed.DistInfo) -> dict[str, Any]:
     run_dir = Path(cfg["run_dir"])
     if is_finished(run_dir, cfg["hash"]):
         return json.loads((run_dir / METRICS).read_text())
-    if info.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if info.device.type == "cpu":  # BITBENCH_THREADS: set by the launcher when several runs share the machine
+        share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, int(os.environ.get("BITBENCH_THREADS", 0)) or share))
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").unlink(missing_ok=True)
