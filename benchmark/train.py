@@ -320,6 +320,7 @@ def _train(cfg: dict[str, Any], info: distributed.DistInfo) -> dict[str, Any]:
         "images_per_second": state["images"] / max(state["train_seconds"], 1e-9),
         "device": _device_name(info), "world_size": info.world_size, "test_samples": final_test["samples"],
     }
+    metrics = distributed.broadcast_object(metrics, info)  # per-rank timings differ: every rank returns rank 0's
     if info.is_main:
         live.close()
         atomic_torch_save(run_dir / MODEL, model.state_dict())
