@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,6 +25,18 @@ from benchmark.ops import add_model_arguments
 TOLERANCE = 1e-4
 
 __all__ = ["TOLERANCE", "audit_model", "prime_batchnorm", "random_inputs"]
+
+
+@contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad for the duration (quantizers may then cache their output), flags restored."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def random_inputs(input_shape: tuple[int, ...], batch_size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -44,8 +57,9 @@ def prime_batchnorm(model: nn.Module, input_shape: tuple[int, ...], steps: int =
             if p.is_floating_point() and p.numel() > 0 and torch.all(p == p.flatten()[0]):
                 p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p))
     model.train()
-    for step in range(steps):
-        model(random_inputs(input_shape, batch_size, seed + 100 + step))
+    with _inference(model):
+        for step in range(steps):
+            model(random_inputs(input_shape, batch_size, seed + 100 + step))
     return model.eval()
 
 
@@ -70,6 +84,12 @@ def audit_model(model: nn.Module, input_shape: tuple[int, ...] | None = None, *,
             raise BitbenchError("audit_model needs input_shape or inputs")
         inputs = random_inputs(tuple(input_shape), batch_size, seed)
     model.eval()
+    with _inference(model):
+        return _audit(model, inputs, spec, build, out, tolerance)
+
+
+def _audit(model: nn.Module, inputs: torch.Tensor, spec: dict[str, Any] | None,
+           build: Callable[[], nn.Module] | None, out: str | Path | None, tolerance: float) -> dict[str, Any]:
     export = export_binary(model, spec)
     export_file_bytes = None
     if out is not None:
@@ -128,7 +148,8 @@ def _val_batch(cfg: dict[str, Any], batch_size: int) -> torch.Tensor | None:
         return None
     from benchmark.data import ShardLoader
 
-    loader = ShardLoader(data_dir, "val", batch_size, train=False, image_size=cfg.get("image_size"), num_workers=0)
+    loader = ShardLoader(data_dir, "val", batch_size, train=False, image_size=cfg.get("image_size"), num_workers=0,
+                         max_batches=1)
     for images, _ in loader:
         return images
     return None
@@ -146,6 +167,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise BitbenchError(f"--batch-size must be positive, got {args.batch_size}")
+    if not args.tolerance > 0:
+        raise BitbenchError(f"--tolerance must be positive, got {args.tolerance}")
     inputs = None
     if args.run is not None:
         from benchmark.checkpoint import load_run_model
