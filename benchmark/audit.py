@@ -181,10 +181,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.method or not args.arch:
             raise BitbenchError("give --run DIR, or --method and --arch for a freshly built model")
-        from benchmark.models import create_model
+        from benchmark.models import check_variant, create_model, get_method
 
         spec = {"method": args.method, "arch": args.arch, "num_classes": args.num_classes,
-                "in_channels": args.in_channels, "image_size": args.image_size, "variant": args.variant}
+                "in_channels": args.in_channels, "image_size": args.image_size,
+                "variant": check_variant(get_method(args.method), args.variant)}
         torch.manual_seed(args.seed)
         model = prime_batchnorm(create_model(**spec), (args.in_channels, args.image_size, args.image_size),
                                 seed=args.seed)

@@ -160,8 +160,9 @@ def count_model_ops(model: nn.Module, input_shape: tuple[int, ...], per_layer: b
 def count_ops(method: str, arch: str, num_classes: int, image_size: int, in_channels: int = 3,
               variant: str | None = None, per_layer: bool = False) -> dict[str, Any]:
     """`count_model_ops` on a freshly built registry model (`benchmark.models.create_model`)."""
-    from benchmark.models import create_model
+    from benchmark.models import check_variant, create_model, get_method
 
+    variant = check_variant(get_method(method), variant)
     model = create_model(method, arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                          variant=variant)
     counts = count_model_ops(model, (in_channels, image_size, image_size), per_layer=per_layer)
