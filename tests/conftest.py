@@ -16,3 +16,14 @@ def fmnist_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "fashion-mnist"
     write_dataset(load_source("fashion-mnist"), out, val_size=5000, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of small models: on a shared 2-core machine spinning threads only cost."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

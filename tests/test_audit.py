@@ -28,13 +28,7 @@ def fresh(method: str, arch: str, variant: str | None = None, image_size: int = 
     return prime_batchnorm(create_model(**spec), (3, image_size, image_size), steps=1, batch_size=4), spec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are small, and the machine is shared (spinning threads only cost)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def deployed_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

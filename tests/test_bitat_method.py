@@ -20,12 +20,7 @@ METHODS = ("bitat", "bitat-no-progressive", "bitat-no-transform")
 TINY = {"max_batches": 2, "eval_max_batches": 1, "batch_size": 32, "workers": 0, "epochs": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -11,12 +11,7 @@ from bitat.quantizer import ImportanceAwareSign, QuantizerOptions
 from bitat.statistics import CovarianceAccumulator, statistic_rows, statistic_shape
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(n=256, c=4, size=8, seed=0) -> torch.Tensor:

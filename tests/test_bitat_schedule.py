@@ -11,12 +11,7 @@ from benchmark.optim import build_optimizer
 from bitat.schedule import Calibrate, SetModes, segment, units
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(n=3, size=8, seed=0):

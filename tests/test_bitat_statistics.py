@@ -6,12 +6,7 @@ from torch import nn
 from bitat.statistics import CovarianceAccumulator, pca, statistic_mode, statistic_rows, statistic_shape
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_streaming_pca_recovers_known_eigenvectors_and_eigenvalues():

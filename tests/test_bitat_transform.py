@@ -6,12 +6,7 @@ import torch
 from bitat.transform import ImportanceTransform, aggregate, link_block
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_covariance(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -16,13 +16,7 @@ from benchmark.models import create_model
 from benchmark.ops import count_model_ops, count_ops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are small, and the machine is shared (spinning threads only cost)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (method, arch, published OPs; liuzechun/ReActNet README "Models" table, published.md §3)
