@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from baselines.layers import BinaryConv2d, binary_layers
+from baselines.layers import binary_layers
 from benchmark.checkpoint import atomic_torch_save
 from benchmark.errors import BitbenchError
 from benchmark.ops import latent_only_parameters
