@@ -50,11 +50,11 @@ def recipe(family: str, variant: str = "default") -> Recipe:
                    "x0.1 at 32k and 48k of 64k iterations (= epochs 82, 123 of 164)")
     epochs, batch = SMALL_FAMILY_BUDGET["mnist"]
     return Recipe(
-        stages=(Stage("train", epochs, Optim("sgd", lr=0.1, momentum=0.9, weight_decay=1e-4), schedule="step",
-                      milestones=(epochs / 2, epochs * 3 / 4)),),
+        stages=(Stage("train", epochs, Optim("adam", lr=1e-3), schedule="cosine"),),
         batch_size=batch,
-        source=f"[ours] He et al.'s CIFAR recipe (SGD 0.1, momentum 0.9, wd 1e-4, x0.1 at 50% and 75%) "
-               f"shortened to {epochs} epochs for Fashion-MNIST (no paper recipe)")
+        source=f"[ours] no paper recipe for Fashion-MNIST: Adam lr 1e-3 with cosine decay, {epochs} epochs, batch "
+               f"{batch}; Adam (the binary recipes' optimizer) also converges within the short embedded schedule, "
+               f"where SGD 0.1 without warm-up did not (82% after 300 steps)")
 
 
 FP = MethodSpec(
