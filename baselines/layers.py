@@ -71,8 +71,8 @@ class _RPReLU(torch.autograd.Function):
         t, slope_b = ctx.saved_tensors
         positive = torch.ops.aten.threshold_backward(grad, t, 0)  # grad where t > 0, else 0
         negative = grad - positive  # grad where t <= 0, else 0
-        grad_slope = (negative * t).sum_to_size(slope_b.shape).view(ctx.slope_shape)
         grad_t = positive.addcmul_(slope_b, negative)  # exact: one of the two terms is always zero
+        grad_slope = negative.mul_(t).sum_to_size(slope_b.shape).view(ctx.slope_shape)
         return (grad_t, grad_t.sum_to_size(ctx.bias_in_shape), grad_slope,
                 grad.sum_to_size(ctx.bias_out_shape))
 

@@ -95,7 +95,35 @@ class BinaryStyle(Style):
 def avg_pool(stride: int) -> nn.Module:
     """Parameter-free spatial downsampling matching a stride-s, padding k//2 conv at any input size
     (ceil mode, so odd sizes such as 7 -> 4 agree with the conv; identical to AvgPool2d(2) on even sizes)."""
-    return nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+    return AvgPool(stride)
+
+
+class _AvgPool2x2(torch.autograd.Function):
+    """2x2 / stride-2 average of even-sized maps from four strided views, bit-identical to avg_pool2d (same
+    summation order, exact division by 4) at a third of its CPU time; backward spreads grad / 4 by expansion."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x[:, :, 0::2, 0::2] + x[:, :, 0::2, 1::2]
+        return out.add_(x[:, :, 1::2, 0::2]).add_(x[:, :, 1::2, 1::2]).div_(4)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = grad.shape
+        quarter = grad.div(4).unsqueeze(-1).expand(n, c, h, w, 2).reshape(n, c, h, 2 * w)
+        return quarter.unsqueeze(3).expand(n, c, h, 2, 2 * w).reshape(n, c, 2 * h, 2 * w)
+
+
+class AvgPool(nn.AvgPool2d):
+    """AvgPool2d(s, s, ceil_mode=True, count_include_pad=False) with a fast path for s = 2 on even sizes."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__(stride, stride, ceil_mode=True, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 2 and x.dim() == 4 and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
+            return _AvgPool2x2.apply(x)
+        return super().forward(x)
 
 
 class Residual(nn.Module):
@@ -109,7 +137,9 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
-        if self.shortcut is not None:
+        if isinstance(self.shortcut, TileChannels):
+            out = self.shortcut.add_to(out, x)
+        elif self.shortcut is not None:
             out = out + self.shortcut(x)
         return self.act(out)
 
@@ -126,6 +156,13 @@ class TileChannels(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(x)
         return x.repeat(1, self.times, 1, 1) if self.times > 1 else x
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + forward(x), broadcasting x over the tiles instead of materialising the repeat."""
+        x = self.pool(x)
+        if self.times == 1:
+            return out + x
+        return (out.unflatten(1, (self.times, x.shape[1])) + x.unsqueeze(1)).flatten(1, 2)
 
     def extra_repr(self) -> str:
         return f"times={self.times}"

@@ -184,8 +184,9 @@ def peak_bytes(fn: Callable[[], None], device) -> int | None:
 def measure(arch: str = DEFAULT_ARCH, methods: list[str] | None = None, batch_size: int = 128,
             image_size: int = 28, in_channels: int = 1, num_classes: int = 10, reps: int = 10, warmup: int = 2,
             device: str = "cpu", amp: bool = False, threads: int | None = None, seed: int = 0,
-            progress: bool = False) -> dict[str, Any]:
-    """Time every method round-robin; returns the settings and one row per method (fp first), ratios to fp."""
+            memory: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Time every method round-robin; returns the settings and one row per method (fp first), ratios to fp.
+    `memory=False` skips the peak-memory calls."""
     import torch
     from tqdm import tqdm
 
@@ -228,8 +229,9 @@ def measure(arch: str = DEFAULT_ARCH, methods: list[str] | None = None, batch_si
         for _ in range(warmup):
             train_step(s, images, labels, amp)
             eval_forward(s, images, amp)
-        s.peak_step_bytes = peak_bytes(lambda: train_step(s, images, labels, amp), dev)
-        s.peak_eval_bytes = peak_bytes(lambda: eval_forward(s, images, amp), dev)
+        if memory:
+            s.peak_step_bytes = peak_bytes(lambda: train_step(s, images, labels, amp), dev)
+            s.peak_eval_bytes = peak_bytes(lambda: eval_forward(s, images, amp), dev)
     for _ in tqdm(range(reps), desc=f"perf step {arch}", disable=not progress, leave=False):
         for s in subjects:  # round robin: each repetition times every method once
             s.step_s.append(timed(lambda: train_step(s, images, labels, amp), dev))
