@@ -2,6 +2,8 @@
 # GPU check, at most ~8 minutes on one CUDA machine: DDP training over NCCL (2 processes with 2+ GPUs, else 1)
 # in mixed precision (bf16 autocast) on Fashion-MNIST: the full-precision resnet20, then ReActNet distilled from it.
 # Prepares the data if needed, prints images/s per run and the results as JSON (also written to $OUT/result.json).
+# Then the step benchmark (`bitbench perf step`): resnet18 at 224x224, batch 256, bf16 autocast, fp against every
+# binary method, in what remains of the 8 minutes (at least 60 s): $OUT/step-resnet18.txt (table) and .json.
 # Usage: bash scripts/gpu-check.sh [OUT]   (default OUT: runs/gpu-check; env: BITBENCH_VENV, BITBENCH_DATA_ROOT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,3 +71,33 @@ tmp.write_text(json.dumps(result, indent=2) + "\n")
 tmp.replace(out)
 print(json.dumps(result, indent=2))
 EOF
+
+# Step benchmark: fp vs each binary method on resnet18 / 224 px / batch 256 / bf16, within the 8-minute budget.
+TOTAL_LIMIT_S=470
+step_limit=$(( TOTAL_LIMIT_S - SECONDS ))
+(( step_limit < 60 )) && step_limit=60
+echo "gpu-check: step benchmark (resnet18, 224 px, batch 256, bf16 autocast), limit ${step_limit} s"
+timeout --signal=TERM --kill-after=10 "$step_limit" \
+  "$PY" -m benchmark perf step --arch resnet18 --image-size 224 --in-channels 3 --num-classes 1000 \
+    --batch-size 256 --device cuda --amp --reps 10 --warmup 3 --json > "$OUT/step-resnet18.json.tmp" \
+    2> "$OUT/step-resnet18.log" \
+  || { rc=$?; echo "gpu-check: step benchmark failed (exit $rc); last lines of $OUT/step-resnet18.log:" >&2
+       tail -n 30 "$OUT/step-resnet18.log" >&2; exit 1; }
+mv "$OUT/step-resnet18.json.tmp" "$OUT/step-resnet18.json"
+"$PY" - "$OUT/step-resnet18.json" "$OUT/step-resnet18.txt" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+from benchmark.perf.step import table
+
+result = json.loads(Path(sys.argv[1]).read_text())
+text = (f"{result['arch']}  batch {result['batch_size']}  {result['in_channels']}x{result['image_size']}x"
+        f"{result['image_size']}  {result['device']}  amp {result['amp']}  median of {result['reps']}\n"
+        + table(result) + "\n")
+tmp = Path(sys.argv[2] + ".tmp")
+tmp.write_text(text)
+tmp.replace(sys.argv[2])
+print(text, end="")
+EOF
+echo "gpu-check: done in ${SECONDS} s"

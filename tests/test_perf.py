@@ -125,6 +125,8 @@ def test_pipeline_copy_holds_the_tracked_files_and_the_given_params(tmp_path):
     assert (dest / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()
     assert (dest / "params.yaml").read_text() == params.read_text()
     assert (dest / ".git").is_dir() and not (dest / "data").exists()
+    status = subprocess.run(["git", "-C", str(dest), "status", "--porcelain"], capture_output=True, text=True)
+    assert status.stdout == ""  # committed, as a fresh clone
     env = pipeline.tool_env(dest)
     assert env["PYTHONPATH"].split(":")[0] == str(dest)
 

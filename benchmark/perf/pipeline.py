@@ -1,7 +1,7 @@
 """`bitbench perf pipeline`: wall time of the default `dvc repro`, cold then warm, on a fresh copy of the project.
 
 The project's tracked files (`git ls-files`, as they are in the working tree) are copied into a temporary
-folder that becomes its own git repository, so nothing is prepared or trained there yet (cold); a second
+folder and committed there as a fresh clone would be, so nothing is prepared or trained yet (cold); a second
 `dvc repro` must then find every stage up to date (warm). The copy's own code runs (it goes first on
 PYTHONPATH), with this interpreter's `bitbench` and `dvc`. `--params` swaps in a smaller params file.
 """
@@ -49,14 +49,18 @@ def tracked_files(project: Path) -> list[str]:
 
 
 def copy_project(project: Path, dest: Path, params: Path | None) -> None:
-    """Tracked files of `project` into `dest` (a new git repository), `params` as its params.yaml."""
+    """Tracked files of `project` into `dest`, `params` as its params.yaml, committed in a new git repository
+(as in a fresh clone)."""
     for rel in tracked_files(project):
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(project / rel, target)
     if params is not None:
         shutil.copyfile(params, dest / "params.yaml")
-    subprocess.run(["git", "init", "-q", str(dest)], check=True, capture_output=True, timeout=60)
+    git = ["git", "-C", str(dest), "-c", "user.name=bitbench", "-c", "user.email=bitbench@localhost",
+           "-c", "commit.gpgsign=false"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "bitbench perf pipeline copy"]):
+        subprocess.run(git + cmd, check=True, capture_output=True, timeout=120)  # dvclive needs a commit
 
 
 def tool_env(copy: Path) -> dict[str, str]:
