@@ -44,7 +44,7 @@ class _ShiftedApproxSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, bias = ctx.saved_tensors
-        grad_in = approx_sign_grad(x + bias, grad)
+        grad_in = approx_sign_grad(x + bias, grad, inplace=True)
         return grad_in, grad_in.sum_to_size(bias.shape)
 
 
