@@ -14,6 +14,7 @@ from torch import nn
 from baselines.archs.common import AvgPool, Residual, TileChannels
 from baselines.layers import RPReLU, RSign, binary_layers
 from baselines.quantizers import ScaledSignWeight, SignWeight, channel_scale, ste_sign
+from benchmark.cli import main
 from benchmark.models import list_methods
 from benchmark.perf import step
 
@@ -60,10 +61,10 @@ def test_perf_step_table_and_method_selection_adds_fp():
     (["--methods", "xnor:bogus"], "unknown variant 'bogus'"),
     (["--batch-size", "0"], "batch size must be >= 1"),
 ])
-def test_perf_step_bad_input_is_one_line_error(args, message):
-    result = bitbench("perf", "step", *args, "--reps", "1")
-    assert result.returncode == 2
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_perf_step_bad_input_is_one_line_error(args, message, capsys):
+    assert main(["perf", "step", *args, "--reps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_measured_stage_follows_the_recipes():
@@ -104,14 +105,14 @@ def test_perf_data_compares_the_reader_with_the_fastest_training_step(fmnist_dir
 
 # ---------------------------------------------------------------- bitbench perf pipeline
 
-def test_perf_pipeline_rejects_bad_params_files(tmp_path):
-    missing = bitbench("perf", "pipeline", "--params", str(tmp_path / "nope.yaml"))
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+def test_perf_pipeline_rejects_bad_params_files(tmp_path, capsys):
+    assert main(["perf", "pipeline", "--params", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     (tmp_path / "p.yaml").write_text("data_root: data\n")
-    nogrid = bitbench("perf", "pipeline", "--params", str(tmp_path / "p.yaml"))
-    assert nogrid.returncode == 2 and "has no 'grid' section" in nogrid.stderr
-    notgit = bitbench("perf", "pipeline", "--project", str(tmp_path))
-    assert notgit.returncode == 2 and "is not a git checkout" in notgit.stderr
+    assert main(["perf", "pipeline", "--params", str(tmp_path / "p.yaml")]) == 2
+    assert "has no 'grid' section" in capsys.readouterr().err
+    assert main(["perf", "pipeline", "--project", str(tmp_path)]) == 2
+    assert "is not a git checkout" in capsys.readouterr().err
 
 
 def test_pipeline_copy_holds_the_tracked_files_and_the_given_params(tmp_path):

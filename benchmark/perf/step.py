@@ -190,7 +190,7 @@ def measure(arch: str = DEFAULT_ARCH, methods: list[str] | None = None, batch_si
     import torch
     from tqdm import tqdm
 
-    from benchmark.models import check_arch, list_methods
+    from benchmark.models import check_arch, check_variant, get_method, list_methods
 
     check_arch(arch)
     for name, value in (("batch size", batch_size), ("image size", image_size), ("in channels", in_channels),
@@ -207,16 +207,18 @@ def measure(arch: str = DEFAULT_ARCH, methods: list[str] | None = None, batch_si
         raise BitbenchError("--device cuda asked for, but torch sees no CUDA device")
     if dev.type not in ("cpu", "cuda"):
         raise BitbenchError(f"device must be cpu or cuda, not {device!r}")
+    wanted = [parse_method(m) for m in (methods or [s.name for s in list_methods()])]
+    if all(name != "fp" for name, _ in wanted):
+        wanted.insert(0, ("fp", None))
+    wanted.sort(key=lambda mv: mv[0] != "fp")  # fp first: the reference row
+    for name, variant in wanted:
+        check_variant(get_method(name), variant)  # bad names fail before any work
     if threads is not None:
         if threads < 1:
             raise BitbenchError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     elif dev.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))  # as `bitbench train` on one CPU process
-    wanted = [parse_method(m) for m in (methods or [s.name for s in list_methods()])]
-    if all(name != "fp" for name, _ in wanted):
-        wanted.insert(0, ("fp", None))
-    wanted.sort(key=lambda mv: mv[0] != "fp")  # fp first: the reference row
     dataset = "fashion-mnist" if in_channels == 1 and image_size < 128 else "cifar10" if image_size < 128 \
         else "imagenet"
     subjects = [build_subject(name, variant, arch, num_classes, in_channels, image_size, dataset, dev)
