@@ -67,8 +67,8 @@ class FamilyPlan:
 
 
 PLANS = {
-    "mnist": FamilyPlan(steps=4, epochs_per_step=2, final_epochs=2, batch_size=128, lr=5e-4, transform_lr=1e-3,
-                        final_lr=1e-4, calibrate_batches=4, rows_per_batch=4096),
+    "mnist": FamilyPlan(steps=4, epochs_per_step=2, final_epochs=2, batch_size=128, lr=1e-3, transform_lr=1e-3,
+                        final_lr=5e-4, calibrate_batches=4, rows_per_batch=4096),
     "cifar": FamilyPlan(steps=16, epochs_per_step=3, final_epochs=8, batch_size=128, lr=5e-4, transform_lr=1e-3,
                         final_lr=1e-4, calibrate_batches=8),
     "imagenet": FamilyPlan(steps=16, epochs_per_step=2, final_epochs=4, batch_size=256, lr=5e-4,
