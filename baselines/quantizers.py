@@ -37,7 +37,10 @@ def approx_sign_grad(x: torch.Tensor, grad: torch.Tensor, inplace: bool = False)
     """grad * max(0, 2 - 2|x|) in four passes over one temporary (x itself with `inplace`); 2 + (-2)|x| rounds
     exactly as 2 - 2|x| (the product by 2 is exact)."""
     u = x.abs_() if inplace else x.abs()
-    return torch.add(u.new_tensor(2.0), u, alpha=-2.0, out=u).clamp_(min=0.0).mul_(grad)
+    return torch.add(_TWO, u, alpha=-2.0, out=u).clamp_(min=0.0).mul_(grad)
+
+
+_TWO = torch.tensor(2.0)  # a 0-dim CPU tensor: combines with any device and dtype as a plain scalar
 
 
 class _SteSign(torch.autograd.Function):
