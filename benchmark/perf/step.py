@@ -5,7 +5,9 @@ so load from other processes hits every method alike and the ratios to `fp` stay
 A step is forward, cross-entropy, backward and the stage's optimizer step; KD's teacher forward is not in it.
 Each method is measured in the form it trains in: the hooks of its recipe's stages are applied in order up to
 the middle stage among those that train binary weights (ReActNet: step 2; BiTAT: a middle progressive stage,
-lower layers frozen binary, upper ones full precision).
+lower layers frozen binary, upper ones full precision). `calibrate` hooks (data-dependent initial values, such
+as BiTAT's PCA) are not run: they change values, not the work a step does. The recipe family follows the input
+(1 channel below 128 px: Fashion-MNIST's, 3 channels: CIFAR's, 128 px and above: ImageNet's).
 """
 from __future__ import annotations
 
