@@ -60,7 +60,7 @@ def test_dvc_repro_tiny_grid_then_noop_then_one_method(tmp_path):
     again = _dvc(project, "repro")
     assert "Data and pipelines are up to date" in again.stdout + again.stderr
 
-    params["method_overrides"] = {"xnor": {"lr_scale": 0.5}}
+    params["method_overrides"] = {**(params.get("method_overrides") or {}), "xnor": {"lr_scale": 0.5}}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     xnor_before = json.loads((runs / "xnor" / "seed0" / "metrics.json").read_text())["hash"]
     _dvc(project, "repro")
