@@ -2,6 +2,7 @@
 compositions they replace (same values and gradients, bit for bit). No timed assertions: the speed targets
 are checked by the perf commands themselves (docs/performance.md)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ def test_perf_step_json_has_a_row_per_method_with_ratios_to_fp():
     if "bitat" in rows:  # a middle progressive stage, not the final fine-tune
         assert rows["bitat"]["stage"].startswith("binarize-")
     assert report["threads"] == 1 and report["batch_size"] == 8 and report["arch"] == "resnet20"
+    assert report["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # set before torch loads
 
 
 def test_perf_step_table_and_method_selection_adds_fp():

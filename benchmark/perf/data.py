@@ -93,6 +93,9 @@ def fastest_training_step(arch: str | None, methods: list[str] | None, batch_siz
 
 
 def run(args: argparse.Namespace) -> int:
+    from benchmark.perf.step import passive_omp_wait
+
+    passive_omp_wait()  # before torch loads: the training steps are timed in this process
     from benchmark.data import load_manifest
 
     if args.dataset not in SUPPORTED:

@@ -7,7 +7,8 @@ Each method is measured in the form it trains in: the hooks of its recipe's stag
 the middle stage among those that train binary weights (ReActNet: step 2; BiTAT: a middle progressive stage,
 lower layers frozen binary, upper ones full precision). `calibrate` hooks (data-dependent initial values, such
 as BiTAT's PCA) are not run: they change values, not the work a step does. The recipe family follows the input
-(1 channel below 128 px: Fashion-MNIST's, 3 channels: CIFAR's, 128 px and above: ImageNet's).
+(1 channel below 128 px: Fashion-MNIST's, 3 channels: CIFAR's, 128 px and above: ImageNet's). OpenMP
+threads wait passively unless OMP_WAIT_POLICY says otherwise (`passive_omp_wait`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ from benchmark.errors import BitbenchError
 
 DEFAULT_ARCH = "resnet20"
 PROC_STATUS = Path("/proc/self/status")
+
+
+def passive_omp_wait() -> None:
+    """Let idle OpenMP threads sleep instead of spin (OMP_WAIT_POLICY=PASSIVE) unless the environment says
+    otherwise. With spinning threads on a CPU that other processes also use, every parallel op waits for a
+    descheduled thread: a 2-thread resnet20 step measured 13x slower than a 1-thread one on a busy 2-core
+    machine, and by amounts that differ per model. Only effective before torch is first imported."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -258,6 +268,7 @@ def measure(arch: str = DEFAULT_ARCH, methods: list[str] | None = None, batch_si
         "arch": arch, "batch_size": batch_size, "image_size": image_size, "in_channels": in_channels,
         "num_classes": num_classes, "device": _device_name(dev), "amp": amp, "threads": torch.get_num_threads(),
         "reps": reps, "warmup": warmup, "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "memory": "CUDA: max_memory_allocated growth over one call" if dev.type == "cuda" else
                   "CPU: resident-set high-water-mark growth over one call (after malloc_trim)",
         "rows": rows,
@@ -285,6 +296,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    passive_omp_wait()
     result = measure(args.arch, args.methods, args.batch_size, args.image_size, args.in_channels,
                      args.num_classes, args.reps, args.warmup, args.device, args.amp, args.threads, args.seed,
                      progress=sys.stderr.isatty())
