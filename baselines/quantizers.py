@@ -43,13 +43,17 @@ def approx_sign_grad(x: torch.Tensor, grad: torch.Tensor, inplace: bool = False)
 _TWO = torch.tensor(2.0)  # a 0-dim CPU tensor: combines with any device and dtype as a plain scalar
 
 
-class _SteSign(torch.autograd.Function):
-    """sign forward; straight-through estimator clipped to |x| <= 1 backward (BNN, XNOR)."""
+class _Sign(torch.autograd.Function):
+    """sign forward (sign(0) = +1), saving the input; subclasses give the backward estimator."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return sign(x)
+
+
+class _SteSign(_Sign):
+    """sign forward; straight-through estimator clipped to |x| <= 1 backward (BNN, XNOR)."""
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -57,13 +61,8 @@ class _SteSign(torch.autograd.Function):
         return ste_grad(x, grad)
 
 
-class _ApproxSign(torch.autograd.Function):
+class _ApproxSign(_Sign):
     """sign forward; Bi-Real's piecewise-polynomial derivative max(0, 2 - 2|x|) backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return sign(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
