@@ -107,7 +107,9 @@ def test_perf_data_compares_the_reader_with_the_fastest_training_step(fmnist_dir
 
 # ---------------------------------------------------------------- bitbench perf pipeline
 
-def test_perf_pipeline_rejects_bad_params_files(tmp_path, capsys):
+def test_perf_pipeline_rejects_bad_params_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
     assert main(["perf", "pipeline", "--params", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "p.yaml").write_text("data_root: data\n")
@@ -115,6 +117,7 @@ def test_perf_pipeline_rejects_bad_params_files(tmp_path, capsys):
     assert "has no 'grid' section" in capsys.readouterr().err
     assert main(["perf", "pipeline", "--project", str(tmp_path)]) == 2
     assert "is not a git checkout" in capsys.readouterr().err
+    assert not any((tmp_path / "scratch").iterdir())  # nothing left behind
 
 
 def test_pipeline_copy_holds_the_tracked_files_and_the_given_params(tmp_path):

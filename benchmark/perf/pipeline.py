@@ -105,20 +105,22 @@ def measure(project: Path, params: Path | None = None, keep: bool = False, timeo
             raise BitbenchError(f"params file {params} is not valid YAML") from err
         if not isinstance(content, dict) or "grid" not in content:
             raise BitbenchError(f"params file {params} has no 'grid' section")
+    tracked_files(project)  # a project that cannot be copied fails before anything is created
     copy = Path(tempfile.mkdtemp(prefix="bitbench-pipeline-"))
-    failed = True
+    logs = copy.parent / f"{copy.name}-logs"
+    failed_repro = False
     try:
         copy_project(project, copy, params.resolve() if params else None)
         env = tool_env(copy)
-        logs = copy.parent / f"{copy.name}-logs"
         logs.mkdir()
+        failed_repro = True  # from here on a failure keeps the copy and its logs for inspection
         cold = repro(copy, logs / "cold.log", env, timeout)
         warm = repro(copy, logs / "warm.log", env, timeout)
-        failed = False
+        failed_repro = False
     finally:
-        if not keep and not failed:
+        if not keep and not failed_repro:
             shutil.rmtree(copy, ignore_errors=True)
-            shutil.rmtree(copy.parent / f"{copy.name}-logs", ignore_errors=True)
+            shutil.rmtree(logs, ignore_errors=True)
     return {
         "project": str(project), "params": str(params or project / "params.yaml"),
         "copy": str(copy) if keep else None,
