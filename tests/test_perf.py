@@ -114,7 +114,7 @@ def test_perf_pipeline_rejects_bad_params_files(tmp_path, capsys, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "p.yaml").write_text("data_root: data\n")
     assert main(["perf", "pipeline", "--params", str(tmp_path / "p.yaml")]) == 2
-    assert "has no 'grid' section" in capsys.readouterr().err
+    assert "has no `grid:` section" in capsys.readouterr().err
     assert main(["perf", "pipeline", "--project", str(tmp_path)]) == 2
     assert "is not a git checkout" in capsys.readouterr().err
     assert not any((tmp_path / "scratch").iterdir())  # nothing left behind

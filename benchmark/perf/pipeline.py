@@ -95,16 +95,9 @@ def measure(project: Path, params: Path | None = None, keep: bool = False, timeo
     """Cold and warm `dvc repro` wall times of a fresh copy of `project`."""
     project = project.resolve()
     if params is not None:
-        import yaml
+        from benchmark.report.collect import load_params
 
-        if not params.is_file():
-            raise BitbenchError(f"params file {params} does not exist")
-        try:
-            content = yaml.safe_load(params.read_text())
-        except yaml.YAMLError as err:
-            raise BitbenchError(f"params file {params} is not valid YAML") from err
-        if not isinstance(content, dict) or "grid" not in content:
-            raise BitbenchError(f"params file {params} has no 'grid' section")
+        load_params(params)  # missing, malformed or grid-less params fail before anything is copied
     tracked_files(project)  # a project that cannot be copied fails before anything is created
     copy = Path(tempfile.mkdtemp(prefix="bitbench-pipeline-"))
     logs = copy.parent / f"{copy.name}-logs"
