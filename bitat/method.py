@@ -117,12 +117,12 @@ def make_recipe(config: BitatConfig, family: str, variant: str) -> Recipe:
         for k in range(plan.steps):
             modes = SetModes(k, plan.steps, config.unit, True, config.block_transforms)
             stages.append(Stage(f"binarize-{k + 1}of{plan.steps}", plan.epochs_per_step, optim, apply=modes,
-                                calibrate=Calibrate(modes, plan.rows_per_batch) if config.transform else None,
+                                calibrate=Calibrate(modes, plan.rows_per_batch, transform=config.transform),
                                 **common))
     else:
         modes = SetModes(None, 1, config.unit, True)
         stages = [Stage("binarize-all", plan.steps * plan.epochs_per_step, optim, apply=modes,
-                        calibrate=Calibrate(modes, plan.rows_per_batch) if config.transform else None, **common)]
+                        calibrate=Calibrate(modes, plan.rows_per_batch, transform=config.transform), **common)]
     if config.final_finetune:
         stages.append(Stage("finetune", plan.final_epochs, replace(optim, lr=plan.final_lr, group_lr=()),
                             apply=SetModes(None, plan.steps, config.unit, train_binary=False),

@@ -8,6 +8,7 @@ units are split into `steps` consecutive segments, one per stage, bottom to top.
 BN, RSign, RPReLU, stem and classifier train throughout. A recipe has no architecture, so `steps` is fixed per
 recipe: with fewer units than steps a unit stays current over consecutive stages (initialised once), with more
 each stage takes several. `final` stages binarize everything and train only the non-binary parameters.
+`Calibrate` initialises each layer as it becomes current: its RSign threshold and, with the transform, V and s.
 Hooks only set modes and requires_grad (cheap, deterministic: re-run on resume before the checkpoint loads).
 """
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from baselines.layers import BinaryConv2d, binary_layers
+from baselines.layers import BinaryConv2d, RSign, binary_layers
 from bitat.quantizer import ImportanceAwareSign
 from bitat.statistics import CovarianceAccumulator, statistic_rows, statistic_shape
 from bitat.transform import link_block
 
-__all__ = ["UNITS", "units", "segment", "SetModes", "Calibrate", "link_blocks"]
+__all__ = ["UNITS", "units", "segment", "SetModes", "Calibrate", "set_threshold", "link_blocks"]
 
 UNITS = ("layer", "block")
 
@@ -133,21 +134,30 @@ class SetModes:
         return chosen
 
 
+def set_threshold(rsign: RSign, threshold: torch.Tensor) -> None:
+    """Make `rsign` compute sign(x - threshold) per channel (its learnable shift is -threshold)."""
+    with torch.no_grad():
+        rsign.shift.bias.copy_(-threshold.reshape(rsign.shift.bias.shape))
+
+
 class _StopForward(Exception):
     """Raised by the last calibration hook: nothing above the layers being calibrated needs to run."""
 
 
 class Calibrate:
-    """Stage `calibrate` hook: initialise V, s of the layers that become current in this stage from a PCA of
-    their inputs, collected with the modes this stage set (lower layers binary, each layer's own input
-    binarized as its conv sees it). Runs the model in train mode (BN batch statistics, as training will see)
-    and restores BN buffers afterwards; at most `rows_per_batch` random input vectors per layer and batch.
-    Whether the second moment is centred is the layer's `QuantizerOptions.centered`."""
+    """Stage `calibrate` hook for the layers that become current in this stage, from their inputs with the modes
+    this stage set (lower layers binary):
+    - RSign thresholds at the channel mean of the layer's real input (first calibration batch) [ours]: the fp
+      layout feeds every binary conv a ReLU output, which sign(x + 0) would map to all +1;
+    - with `transform`, V and s from a PCA of the input as the conv sees it (binarized, with that threshold);
+      at most `rows_per_batch` random input vectors per layer and batch, centred or not per
+      `QuantizerOptions.centered`.
+    Runs the model in train mode (BN batch statistics, as training will see) and restores BN buffers."""
 
-    def __init__(self, modes: SetModes, rows_per_batch: int = 8192, seed: int = 0) -> None:
-        self.modes, self.rows_per_batch, self.seed = modes, rows_per_batch, seed
+    def __init__(self, modes: SetModes, rows_per_batch: int = 8192, seed: int = 0, transform: bool = True) -> None:
+        self.modes, self.rows_per_batch, self.seed, self.transform = modes, rows_per_batch, seed, transform
         _named(self, f"bitat.schedule.Calibrate(stage={modes.index}, steps={modes.steps}, unit={modes.unit!r}, "
-                     f"rows_per_batch={rows_per_batch}, seed={seed})")
+                     f"rows_per_batch={rows_per_batch}, seed={seed}, thresholds='mean', transform={transform})")
 
     def new_layers(self, model: nn.Module) -> list[BinaryConv2d]:
         """The layers whose transform this stage initialises: current now and not current in the stage before."""
@@ -156,8 +166,7 @@ class Calibrate:
         if self.modes.index:
             prev = SetModes(self.modes.index - 1, self.modes.steps, self.modes.unit)
             before = {id(layer) for layer, role in prev.roles(model) if role == "current"}
-        return [layer for layer in now if id(layer) not in before and isinstance(layer.weight_quantizer,
-                                                                                  ImportanceAwareSign)]
+        return [layer for layer in now if id(layer) not in before]
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -165,18 +174,24 @@ class Calibrate:
         if not layers:
             return
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (self.modes.index or 0))
+        transformed = [layer for layer in layers
+                       if self.transform and isinstance(layer.weight_quantizer, ImportanceAwareSign)]
         accumulators = {}
-        for layer in layers:
-            q = layer.weight_quantizer
-            batch, n = statistic_shape(layer, q.mode)
+        for layer in transformed:
+            batch, n = statistic_shape(layer, layer.weight_quantizer.mode)
             accumulators[id(layer)] = CovarianceAccumulator(n, batch, self.rows_per_batch, generator)
+        unset = {id(layer) for layer in layers if layer.binarize_inputs and isinstance(layer.input_quantizer, RSign)}
         last = layers[-1]
 
         def capture(layer: BinaryConv2d, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0]
+            if id(layer) in unset:  # set before this batch's sign, so upper layers see the new threshold
+                set_threshold(layer.input_quantizer, x.float().mean(dim=(0, 2, 3)))
+                unset.discard(id(layer))
             if layer.binarize_inputs:
                 x = layer.input_quantizer(x)
-            accumulators[id(layer)].update(statistic_rows(layer, x.float(), layer.weight_quantizer.mode))
+            if id(layer) in accumulators:
+                accumulators[id(layer)].update(statistic_rows(layer, x.float(), layer.weight_quantizer.mode))
             if layer is last:
                 raise _StopForward
 
@@ -197,6 +212,6 @@ class Calibrate:
                 if name in saved:
                     buf.copy_(saved[name])
             model.train(was_training)
-        for layer in layers:
+        for layer in transformed:
             cov = accumulators[id(layer)].covariance(layer.weight_quantizer.options.centered)
             layer.weight_quantizer.bitat_transform.init_from_covariance(cov)

@@ -1,6 +1,7 @@
 """BiTAT's progressive schedule: segments go bottom to top and cover every layer; running the recipe's stage hooks
 with a few optimizer steps freezes each binarized layer for good while the layers above keep training; the
-calibration initialises only the layers that become current; hooks are idempotent (resume)."""
+calibration initialises only the layers that become current (RSign thresholds, and V, s with the transform);
+hooks are idempotent (resume)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from baselines.layers import binary_layers
 from benchmark.models import create_model, get_method
 from benchmark.optim import build_optimizer
-from bitat.schedule import Calibrate, SetModes, segment, units
+from bitat.schedule import Calibrate, SetModes, segment, set_threshold, units
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,6 +98,41 @@ def test_calibration_initialises_only_the_new_layers_from_their_binarized_inputs
     # the statistic is that of the binarized input: ±1 (and zero padding), so its diagonal is at most 1
     sigma = layers[2].weight_quantizer.bitat_transform
     assert sigma.importance().detach().max() > 1.5, "PCA found dominant directions in the binary input"
+
+
+@pytest.mark.parametrize("method", ["bitat", "bitat-no-transform"])
+def test_calibration_puts_new_thresholds_at_the_channel_mean_of_their_relu_inputs(method):
+    torch.manual_seed(0)
+    model = create_model(method, "resnet20", num_classes=10, in_channels=1, image_size=8)
+    layers = [layer for _, layer in binary_layers(model)]
+    modes = SetModes(1, 9, "layer")  # layers 2, 3 become current; 0, 1 binary below, the rest real
+    modes(model)
+    seen = {}
+    hooks = [layers[i].register_forward_pre_hook(lambda m, inp, i=i: seen.setdefault(i, inp[0].clone()))
+             for i in (2, 3)]
+    data = batches(2)
+    Calibrate(modes, rows_per_batch=256, transform=method == "bitat")(model, iter(data))
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(layers):
+        shift = layer.input_quantizer.shift.bias.detach().flatten()
+        if i in (2, 3):  # the first calibration batch's input, as the conv received it
+            assert (seen[i] >= 0).all(), "the fp layout feeds binary convs ReLU outputs"
+            torch.testing.assert_close(shift, -seen[i].mean(dim=(0, 2, 3)))
+            binary = layer.input_quantizer(seen[i])
+            assert (binary == -1).any() and (binary == 1).any(), "sign(x + 0) of a ReLU output would be all +1"
+        else:
+            assert torch.count_nonzero(shift) == 0, i
+    if method == "bitat-no-transform":
+        assert all(not hasattr(layer.weight_quantizer, "bitat_transform") for layer in layers)
+
+
+def test_set_threshold_moves_the_sign_boundary():
+    model = create_model("bitat", "resnet20", num_classes=10, in_channels=1, image_size=8)
+    rsign = binary_layers(model)[0][1].input_quantizer
+    set_threshold(rsign, torch.full((16,), 0.5))
+    x = torch.tensor([0.0, 0.49, 0.5, 2.0]).view(4, 1, 1, 1).expand(4, 16, 1, 1)
+    assert rsign(x)[:, 0].flatten().tolist() == [-1.0, -1.0, 1.0, 1.0]
 
 
 def test_apply_hooks_are_idempotent_as_resume_needs():
