@@ -220,7 +220,7 @@ class Run:
 
 def plan(cells: list[dict[str, Any]], profile: dict[str, Any], runs_root: str | Path) -> list[Run]:
     """Resolve every cell (all errors surface here, before any submission), link dependencies, mark cached runs."""
-    from benchmark.runs import dependencies, is_finished, resolve_config, run_dir_for
+    from benchmark.runs import dependencies, is_finished, resolve_config, run_dir_for, set_dependency_hash
 
     runs_root = Path(runs_root).resolve()
     runs: dict[str, Run] = {}
@@ -251,10 +251,6 @@ def plan(cells: list[dict[str, Any]], profile: dict[str, Any], runs_root: str | 
         runs[name] = Run(name, cfg)
     by_dir = {r.config["run_dir"]: r for r in runs.values()}
     for run in runs.values():
-        if is_finished(run.config["run_dir"], run.config["hash"]):
-            run.status = "cached"
-            run.metrics = _read_json(Path(run.config["run_dir"]) / "metrics.json")
-    for run in runs.values():
         for dep in dependencies(run.config):
             dep = str(Path(dep).resolve())
             if dep in by_dir:
@@ -262,7 +258,34 @@ def plan(cells: list[dict[str, Any]], profile: dict[str, Any], runs_root: str | 
             elif not (Path(dep) / "model.pt").is_file():
                 raise BitbenchError(f"{run.name} needs the finished run {dep} (teacher or starting point), which "
                                     f"is neither finished nor in the grid: add its method to the grid")
+    for run in _dependencies_first(list(runs.values())):
+        for dep in run.needs:  # the hash a grid dependency will finish with, before it has run
+            set_dependency_hash(run.config, dep.config["run_dir"], dep.config["hash"])
+        if is_finished(run.config["run_dir"], run.config["hash"]):
+            run.status = "cached"
+            run.metrics = _read_json(Path(run.config["run_dir"]) / "metrics.json")
     return list(runs.values())
+
+
+def _dependencies_first(runs: list[Run]) -> list[Run]:
+    """`runs` ordered so that every run comes after the runs it needs; a cycle is an error."""
+    ordered: list[Run] = []
+    state: dict[str, str] = {}
+
+    def visit(run: Run) -> None:
+        if state.get(run.name) == "done":
+            return
+        if state.get(run.name) == "visiting":
+            raise BitbenchError(f"run {run.name} depends on itself through its teacher or starting point")
+        state[run.name] = "visiting"
+        for dep in run.needs:
+            visit(dep)
+        state[run.name] = "done"
+        ordered.append(run)
+
+    for run in runs:
+        visit(run)
+    return ordered
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -17,7 +17,8 @@ DATASET_FAMILY = {"fashion-mnist": "mnist", "cifar10": "cifar", "cifar100": "cif
 OVERRIDE_KEYS = {"epochs", "batch_size", "lr_scale", "max_batches", "eval_max_batches", "workers", "teacher",
                  "world_size", "amp", "image_size"}
 HASHED_KEYS = ("dataset", "data_hash", "arch", "method", "variant", "seed", "world_size", "recipe", "overrides",
-               "num_classes", "in_channels", "image_size")
+               "num_classes", "in_channels", "image_size", "dependency_hashes")
+DEPENDENCY_ROLES = ("teacher_run", "init_run")
 
 
 def run_name(method: str, variant: str | None) -> str:
@@ -81,7 +82,7 @@ def resolve_config(spec: dict[str, Any], check_dependencies: bool = True) -> dic
     cfg["world_size"] = int(cfg["overrides"].get("world_size", cfg.get("world_size") or 1))
     recipe = resolve_recipe(cfg["method"], cfg["variant"], cfg["dataset"], cfg["overrides"])
     cfg["recipe"] = recipe.describe()
-    for role, kind in (("teacher_run", recipe.teacher), ("init_run", recipe.init_from)):
+    for role, kind in zip(DEPENDENCY_ROLES, (recipe.teacher, recipe.init_from)):
         if kind is None or kind.startswith("torchvision:"):
             cfg[role] = None
             continue
@@ -95,8 +96,18 @@ def resolve_config(spec: dict[str, Any], check_dependencies: bool = True) -> dic
         check_torchvision_teacher(recipe.teacher)
     cfg["run_dir"] = str(cfg["run_dir"])
     cfg["data_dir"] = str(cfg["data_dir"])
+    # a teacher or starting point that changes makes a new run: its config hash is part of this one's
+    cfg["dependency_hashes"] = {role: finished_hash(cfg[role]) for role in DEPENDENCY_ROLES if cfg.get(role)}
     cfg["hash"] = config_hash(cfg)
     return cfg
+
+
+def finished_hash(run_dir: str | Path) -> str | None:
+    """The config hash a finished run directory was trained with (None while it is not finished)."""
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text()).get("hash")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
@@ -106,7 +117,16 @@ def config_hash(cfg: dict[str, Any]) -> str:
 
 def dependencies(cfg: dict[str, Any]) -> list[str]:
     """Run directories this run needs finished before it starts (teacher, initial checkpoint)."""
-    return [d for d in (cfg.get("teacher_run"), cfg.get("init_run")) if d]
+    return [cfg[role] for role in DEPENDENCY_ROLES if cfg.get(role)]
+
+
+def set_dependency_hash(cfg: dict[str, Any], run_dir: str | Path, dependency_hash: str) -> None:
+    """Record the config hash the dependency at `run_dir` will have (the launcher knows it before it has run)
+    and rehash `cfg`."""
+    for role in DEPENDENCY_ROLES:
+        if cfg.get(role) and Path(cfg[role]).resolve() == Path(run_dir).resolve():
+            cfg["dependency_hashes"][role] = dependency_hash
+    cfg["hash"] = config_hash(cfg)
 
 
 def is_finished(run_dir: str | Path, config_hash_: str) -> bool:

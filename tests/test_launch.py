@@ -217,6 +217,11 @@ def test_local_grid_runs_in_parallel_waits_for_the_teacher_and_caches(fmnist_dir
     assert again["counts"] == {"cached": 3} and all(r["job_id"] is None for r in again["runs"])
     assert {m: r["metrics"] for m, r in by_method(again).items()} == {m: r["metrics"] for m, r in runs.items()}
     assert time.time() - t0 < 30
+    # retraining the teacher / starting point retrains what depends on it, and nothing else
+    changed = [dict(c, overrides={**c["overrides"], "eval_max_batches": 2}) if c["method"] == "fp" else c
+               for c in cells]
+    status = {r.config["method"]: r.status for r in plan(changed, load_profile("local"), tmp_path / "runs")}
+    assert status == {"fp": "waiting", "bireal": "cached", "reactnet": "waiting"}
     # one log folder per job, and none for the launch that had nothing to train
     job_dirs = sorted(p for p in (tmp_path / "runs" / "logs").glob("*/*"))
     assert job_dirs == sorted(Path(r["log"]).parent for r in runs.values())
