@@ -604,14 +604,9 @@ def _split(values: list[str] | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from benchmark.train import parse_overrides
 
-    params: dict[str, Any] = {}
-    if args.params:
-        path = Path(args.params)
-        if not path.is_file():
-            raise BitbenchError(f"params file {path} does not exist")
-        params = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(params, dict) or not isinstance(params.get("grid", {}), dict):
-            raise BitbenchError(f"{path} must be a mapping with a `grid:` section")
+    from benchmark.runs import load_params
+
+    params = load_params(args.params, require_grid=False) if args.params else {}
     grid = params.get("grid", {})
 
     def pick(cli: Any, key: str, default: Any = None) -> Any:

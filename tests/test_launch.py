@@ -119,17 +119,21 @@ def test_bad_profiles_are_rejected(profile, message):
 
 
 # ----------------------------------------------------------------------------------------------- checks
-@pytest.mark.parametrize("problem", ["unknown method", "missing shards", "missing teacher", "unknown override"])
+@pytest.mark.parametrize("problem", ["unknown method", "missing shards", "missing teacher", "unknown override",
+                                     "malformed params"])
 def test_bad_grid_fails_before_anything_is_submitted(problem, fmnist_dir, tmp_path, capsys):
     profile = "local-cluster" if cluster_state() else "local"
+    (tmp_path / "bad.yaml").write_text("grid: [unclosed\n")
     args = {"unknown method": ["--methods", "fp", "nosuch"],
             "missing shards": ["--methods", "fp", "--data-root", str(tmp_path / "empty")],
             "missing teacher": ["--methods", "reactnet"],
-            "unknown override": ["--methods", "fp", "--set", "epoch=1"]}[problem]
+            "unknown override": ["--methods", "fp", "--set", "epoch=1"],
+            "malformed params": ["--params", str(tmp_path / "bad.yaml")]}[problem]
     expected = {"unknown method": "unknown method 'nosuch'",
                 "missing shards": f"no dataset shards at {tmp_path / 'empty' / 'fashion-mnist'}",
                 "missing teacher": "reactnet/seed0 needs the finished run",
-                "unknown override": "unknown override(s) epoch"}[problem]
+                "unknown override": "unknown override(s) epoch",
+                "malformed params": f"params file {tmp_path / 'bad.yaml'} is not valid YAML"}[problem]
     before = slurm_job_ids() if profile == "local-cluster" else set()
     argv = ["launch", "--profile", profile, "--datasets", "fashion-mnist", "--data-root", str(fmnist_dir.parent),
             "--runs-root", str(tmp_path / "runs"), *args]

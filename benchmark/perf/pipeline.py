@@ -95,7 +95,7 @@ def measure(project: Path, params: Path | None = None, keep: bool = False, timeo
     """Cold and warm `dvc repro` wall times of a fresh copy of `project`."""
     project = project.resolve()
     if params is not None:
-        from benchmark.report.collect import load_params
+        from benchmark.runs import load_params
 
         load_params(params)  # missing, malformed or grid-less params fail before anything is copied
     tracked_files(project)  # a project that cannot be copied fails before anything is created

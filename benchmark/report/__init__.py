@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from benchmark.report.collect import collect_runs, expected_cells, load_params
+from benchmark.report.collect import collect_runs, expected_cells
+from benchmark.runs import load_params
 from benchmark.report.leaderboard import COMPARE, build_leaderboard
 from benchmark.report.published import load_published
 from benchmark.report.render import render_markdown, render_summary

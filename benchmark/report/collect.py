@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from benchmark.errors import BitbenchError
 from benchmark.runs import run_name
@@ -48,20 +47,6 @@ class Run:
     @property
     def label(self) -> str:
         return f"{self.dataset}/{self.arch}/{self.name}/seed{self.seed}"
-
-
-def load_params(path: str | Path) -> dict[str, Any]:
-    """A params file (params.yaml) as a mapping; raises naming the file when it is missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise BitbenchError(f"params file {path} does not exist")
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise BitbenchError(f"params file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(params, dict) or not isinstance(params.get("grid"), dict):
-        raise BitbenchError(f"params file {path} has no `grid:` section (datasets, archs, methods, seeds)")
-    return params
 
 
 def expected_cells(params: dict[str, Any]) -> list[dict[str, Any]]:
