@@ -55,6 +55,8 @@ def test_dvc_repro_tiny_grid_then_noop_then_one_method(tmp_path):
     assert any(k.endswith("xnor/seed0/test_top1") for k in summary)
     shown = _dvc(project, "metrics", "show", "--json")
     assert "leaderboard.json" in shown.stdout
+    plots = _dvc(project, "plots", "show", "--json").stdout
+    assert "figures/" in plots and ".png" in plots, plots[:2000]
 
     fp_mtime = (runs / "fp" / "seed0" / "metrics.json").stat().st_mtime_ns
     again = _dvc(project, "repro")

@@ -67,7 +67,10 @@ def runs(tmp_path: Path) -> tuple[Path, Path]:
     make_run(root, "imagenet", "resnet18", "bireal", 2, top1=None, error="ValueError: loss is nan", epochs=FULL)
     make_run(root, "imagenet", "resnet18", "xnor", 0, top1=45.0, best_top1=45.0, epochs=FULL)
     make_run(root, "imagenet", "resnet18", "fp", 0, top1=69.0, best_top1=69.0, epochs=FULL)
-    make_run(root, "imagenet", "resnet18", "bitat", 0, top1=60.0, best_top1=60.0, epochs=FULL)
+    bitat = make_run(root, "imagenet", "resnet18", "bitat", 0, top1=60.0, best_top1=60.0, epochs=FULL)
+    # fractional stages: more evaluation rounds (`epochs`) than epochs of data, whose sum rounds off
+    metrics = json.loads((bitat / "metrics.json").read_text())
+    (bitat / "metrics.json").write_text(json.dumps({**metrics, "epochs": FULL + 5, "recipe_epochs": FULL + 1e-12}))
     make_run(root, "imagenet", "resnet18", "reactnet", 0, top1=66.0, best_top1=66.0, epochs=2,
              overrides={"epochs": 2})
     logs = tmp_path / "logs"
@@ -128,6 +131,8 @@ def test_every_status_and_the_numbers(runs, tmp_path):
     assert rows["imagenet", "resnet18", "fp"]["status"] == "published number unverified"
     bitat = rows["imagenet", "resnet18", "bitat"]
     assert bitat["status"] == "no published number" and bitat["published"]["top1"] is None
+    assert bitat["epochs"]["mean"] == FULL and bitat["schedule"] == "full"
+    assert fp["epochs"]["mean"] == 2
     assert rows["imagenet", "resnet18", "reactnet"]["status"] == "short schedule (no verdict)"
 
     assert board["counts"] == {"no published number": 2, "failed": 1, "not run": 1, "incomplete": 1, "reproduced": 1,

@@ -21,7 +21,7 @@ STATUSES = ("reproduced", "below published", "published number unverified", "sho
             "no verdict", "no published number", "incomplete", "failed", "not run")
 COMPARE = {"final": "test_top1", "best-val": "test_top1_at_best_val"}
 AGGREGATED = ("test_top1", "test_top5", "test_top1_at_best_val", "test_top5_at_best_val", "val_top1",
-              "best_val_top1", "wall_seconds", "train_seconds", "images_per_second", "epochs")
+              "best_val_top1", "wall_seconds", "train_seconds", "images_per_second")
 COST_KEYS = ("ops", "bops", "flops", "params", "binary_params", "fp_params", "packed_bytes")
 _COST_CACHE: dict = {}  # counting builds the model (seconds at 224 px): once per setting and process
 
@@ -54,13 +54,21 @@ def full_recipe_epochs(method: str, variant: str | None, dataset: str, config: d
     return None
 
 
+def data_epochs(metrics: dict[str, Any]) -> float | None:
+    """Epochs of training data a finished run went through: its recipe length (`recipe_epochs`), rounded to
+    three decimals; the engine's `epochs` counts evaluation rounds, several per epoch when stages are fractional
+    (BiTAT's 4 stages of 0.8 epochs are 5 rounds). Older runs without `recipe_epochs`: `epochs`."""
+    value = metrics.get("recipe_epochs", metrics.get("epochs"))
+    return None if value is None else round(float(value), 3)
+
+
 def run_schedule(run: Run) -> dict[str, Any]:
     """Whether a finished run used the full recipe: `full`, `short` (fewer epochs than the paper recipe, or capped
     batches per epoch) or `unknown`; plus reasons its test number cannot be compared (partial test set...)."""
     config, metrics = run.config or {}, run.metrics or {}
     overrides = config.get("overrides") or {}
     full = full_recipe_epochs(run.method, run.variant, run.dataset, config)
-    ran = metrics.get("epochs")
+    ran = data_epochs(metrics)
     planned = metrics.get("recipe_epochs")
     details, blockers = [], []
     kind = "full"
@@ -121,6 +129,7 @@ def group_entry(runs: list[Run], published: list[dict[str, Any]], tolerance: flo
     }
     for key in AGGREGATED:
         entry[key] = mean_std([r.metrics.get(key) for r in finished])
+    entry["epochs"] = mean_std([data_epochs(r.metrics) for r in finished])
     entry["n"] = len(finished)
     entry["devices"] = sorted({str(r.metrics.get("device")) for r in finished if r.metrics.get("device")})
     entry["world_sizes"] = sorted({int(r.metrics["world_size"]) for r in finished if r.metrics.get("world_size")})
