@@ -59,7 +59,8 @@ def test_recipes_are_complete_and_hash_stable(method):
             binarizing = [s for s in recipe.stages if s.name != "finetune"]
             assert (len(binarizing) > 1) == (method != "bitat-no-progressive")
             transform = method != "bitat-no-transform"
-            assert all((s.calibrate is not None) == transform for s in binarizing)
+            # every binarizing stage calibrates its new layers' thresholds; V, s only with the transform
+            assert all(s.calibrate is not None and s.calibrate.transform == transform for s in binarizing)
             assert all(dict(s.optim.group_lr).keys() == ({TRANSFORM_LR_PATTERN} if transform else set())
                        for s in binarizing)
     with pytest.raises(ValueError, match="unknown variant"):
