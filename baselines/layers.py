@@ -2,7 +2,8 @@
 ReActNet's `LearnableBias`, `RSign`, `RPReLU`, and `binary_layers(model)` that lists the binarized convolutions.
 
 RSign and RPReLU keep ReActNet's parameter layout (so checkpoints match the official code's names) but run as
-one autograd Function each: the same values and gradients as the composition of their parts, in fewer passes.
+one autograd Function each: the same values and gradients as the composition of their parts, in fewer passes;
+on the CPU in float32/float64 through the fused kernels of `baselines.fused` (one pass each way) when built.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines import fused
 from baselines.quantizers import approx_sign_grad
 
 __all__ = ["LearnableBias", "RSign", "RPReLU", "XnorActivationScale", "BinaryConv2d", "binary_layers",
@@ -38,12 +40,18 @@ class _ShiftedApproxSign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, bias)
+        ctx.kernels = fused.ops() if fused.fits(x, bias) else None
+        if ctx.kernels is not None:
+            return ctx.kernels.rsign_forward(x, bias)
         out = torch.empty_like(x, dtype=torch.result_type(x, bias))
         return torch.ge(x, bias.neg(), out=out).mul_(2).sub_(1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, bias = ctx.saved_tensors
+        if ctx.kernels is not None:
+            grad_in, grad_bias = ctx.kernels.rsign_backward(grad, x, bias)
+            return grad_in, grad_bias.view(bias.shape)
         grad_in = approx_sign_grad(x + bias, grad, inplace=True)
         return grad_in, grad_in.sum_to_size(bias.shape)
 
@@ -52,15 +60,20 @@ class _RPReLU(torch.autograd.Function):
     """PReLU(x + b_in; slope) + b_out with per-channel b_in, slope, b_out, as one Function. Forward: one add,
     PReLU's kernel, an in-place add. Backward: the same values as autograd through the three modules (the slope's
     gradient is sum(g * t) over t <= 0, t = x + b_in), from ReLU's backward kernel instead of PReLU's, which
-    is an order of magnitude slower on the CPU."""
+    is an order of magnitude slower on the CPU. The fused kernels save x instead of t and recompute t."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias_in: torch.Tensor, slope: torch.Tensor,
                 bias_out: torch.Tensor) -> torch.Tensor:
+        ctx.slope_shape, ctx.bias_in_shape, ctx.bias_out_shape = slope.shape, bias_in.shape, bias_out.shape
+        per_channel = slope.view(1, -1, *([1] * (x.dim() - 2)))
+        ctx.kernels = fused.ops() if fused.fits(x, bias_in, per_channel, bias_out) else None
+        if ctx.kernels is not None:
+            ctx.save_for_backward(x, bias_in, slope)
+            return ctx.kernels.rprelu_forward(x, bias_in, slope, bias_out)
         t = x + bias_in
         slope_b = slope.view(1, -1, *([1] * (t.dim() - 2)))
         ctx.save_for_backward(t, slope_b)
-        ctx.slope_shape, ctx.bias_in_shape, ctx.bias_out_shape = slope.shape, bias_in.shape, bias_out.shape
         out = torch._prelu_kernel(t, slope_b)
         if torch.result_type(out, bias_out) == out.dtype:
             return out.add_(bias_out)
@@ -68,6 +81,10 @@ class _RPReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if ctx.kernels is not None:
+            grad_x, grad_in, grad_slope, grad_out = ctx.kernels.rprelu_backward(grad, *ctx.saved_tensors)
+            return (grad_x, grad_in.view(ctx.bias_in_shape), grad_slope.view(ctx.slope_shape),
+                    grad_out.view(ctx.bias_out_shape))
         t, slope_b = ctx.saved_tensors
         positive = torch.ops.aten.threshold_backward(grad, t, 0)  # grad where t > 0, else 0
         negative = grad - positive  # grad where t <= 0, else 0

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${BITBENCH_VENV:-$HOME/.venvs/bitbench}"
-APT_PACKAGES="dataset-fashion-mnist slurmctld slurmd slurm-client munge"
+# g++, python3-dev, ninja-build: the fused CPU kernels (baselines/fused.py) are compiled on first use; torch's
+# cpp_extension runs `ninja` from PATH, so the apt binary (/usr/bin/ninja), not the pip wheel in the venv.
+APT_PACKAGES="dataset-fashion-mnist slurmctld slurmd slurm-client munge g++ python3-dev ninja-build"
 
 missing=""
 for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

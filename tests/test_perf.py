@@ -160,7 +160,8 @@ def grads(out: torch.Tensor, upstream: torch.Tensor, *tensors: torch.Tensor) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_rsign_equals_shift_then_approx_sign(dtype):
+def test_fused_rsign_equals_shift_then_approx_sign(dtype, monkeypatch):
+    monkeypatch.setenv("BITBENCH_FUSED", "0")  # the eager path; the C++ kernels: tests/test_fused.py
     torch.manual_seed(0)
     rs = RSign(6).to(dtype)
     with torch.no_grad():
@@ -178,7 +179,8 @@ def test_fused_rsign_equals_shift_then_approx_sign(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_rprelu_equals_its_three_modules(dtype):
+def test_fused_rprelu_equals_its_three_modules(dtype, monkeypatch):
+    monkeypatch.setenv("BITBENCH_FUSED", "0")  # the eager path; the C++ kernels: tests/test_fused.py
     torch.manual_seed(1)
     act = RPReLU(5).to(dtype)
     with torch.no_grad():
