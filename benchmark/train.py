@@ -34,6 +34,7 @@ from baselines.recipe import Stage
 from benchmark import distributed
 from benchmark.checkpoint import atomic_torch_save, atomic_write_json, build_model, load_run_model
 from benchmark.errors import BitbenchError
+from benchmark.heap import keep_freed_memory
 from benchmark.optim import build_optimizer, lr_factor, set_lr
 from benchmark.runs import is_finished, resolve_config, resolve_recipe, run_dir_for
 
@@ -164,6 +165,7 @@ def _train(cfg: dict[str, Any], info: distributed.DistInfo) -> dict[str, Any]:
     if is_finished(run_dir, cfg["hash"]):
         return json.loads((run_dir / METRICS).read_text())
     if info.device.type == "cpu":  # BITBENCH_THREADS: set by the launcher when several runs share the machine
+        keep_freed_memory()
         share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, int(os.environ.get("BITBENCH_THREADS", 0)) or share))
     if info.is_main:

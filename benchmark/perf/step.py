@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmark.errors import BitbenchError
+from benchmark.heap import OPT_OUT, keep_freed_memory
 
 DEFAULT_ARCH = "resnet20"
 PROC_STATUS = Path("/proc/self/status")
@@ -219,6 +220,7 @@ def measure(arch: str = DEFAULT_ARCH, methods: list[str] | None = None, batch_si
         raise BitbenchError("--device cuda asked for, but torch sees no CUDA device")
     if dev.type not in ("cpu", "cuda"):
         raise BitbenchError(f"device must be cpu or cuda, not {device!r}")
+    heap_kept = dev.type == "cpu" and keep_freed_memory()  # as `bitbench train` runs on the CPU
     wanted = [parse_method(m) for m in (methods or [s.name for s in list_methods()])]
     if all(name != "fp" for name, _ in wanted):
         wanted.insert(0, ("fp", None))
@@ -269,6 +271,7 @@ def measure(arch: str = DEFAULT_ARCH, methods: list[str] | None = None, batch_si
         "num_classes": num_classes, "device": _device_name(dev), "amp": amp, "threads": torch.get_num_threads(),
         "reps": reps, "warmup": warmup, "torch": torch.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "heap": f"glibc keeps freed memory ({OPT_OUT}=default: off)" if heap_kept else "default",
         "memory": "CUDA: max_memory_allocated growth over one call" if dev.type == "cuda" else
                   "CPU: resident-set high-water-mark growth over one call (after malloc_trim)",
         "rows": rows,
