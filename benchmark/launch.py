@@ -32,12 +32,13 @@ PROFILE_TYPES: dict[str, tuple[type, ...]] = {
     "executor": (str,), "partition": (str,), "account": (str,), "qos": (str,), "constraint": (str,),
     "nodes": (int,), "gpus_per_node": (int,), "tasks_per_node": (int,), "cpus_per_task": (int,),
     "mem_gb": (int, float), "timeout_min": (int,), "array_parallelism": (int,), "signal_delay_s": (int,),
-    "max_num_timeout": (int,), "additional_parameters": (dict,), "setup": (list,),
+    "max_num_timeout": (int,), "additional_parameters": (dict,), "setup": (list,), "checkpoint_steps": (int,),
 }
 PROFILE_DEFAULTS: dict[str, Any] = {
     "executor": "local", "partition": None, "account": None, "qos": None, "constraint": None, "nodes": 1,
     "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": None, "mem_gb": None, "timeout_min": 1440,
     "array_parallelism": 2, "signal_delay_s": 90, "max_num_timeout": 3, "additional_parameters": {}, "setup": [],
+    "checkpoint_steps": 0,
 }
 # Per-rank timings legitimately differ between the tasks of one run; everything else must agree.
 TIMING_KEYS = frozenset({"wall_seconds", "train_seconds", "images_per_second"})
@@ -89,6 +90,8 @@ def load_profile(profile: str | Path | dict[str, Any]) -> dict[str, Any]:
     for key in ("nodes", "tasks_per_node", "timeout_min", "array_parallelism"):
         if out[key] < 1:
             raise BitbenchError(f"{where}: {key} must be at least 1, got {out[key]}")
+    if out["checkpoint_steps"] < 0:
+        raise BitbenchError(f"{where}: checkpoint_steps must be 0 (epoch ends only) or more, got {out['checkpoint_steps']}")
     if out["executor"] == "local" and out["nodes"] != 1:
         raise BitbenchError(f"{where}: the local executor runs on one node (nodes: 1), got nodes: {out['nodes']}")
     if out["executor"] == "debug" and out["nodes"] * out["tasks_per_node"] != 1:
@@ -228,6 +231,7 @@ def plan(cells: list[dict[str, Any]], profile: dict[str, Any], runs_root: str | 
         spec = dict(cell)
         spec["data_dir"] = str(Path(spec["data_dir"]).resolve()) if spec.get("data_dir") else None
         spec.setdefault("world_size", world_size(profile))
+        spec.setdefault("checkpoint_steps", profile["checkpoint_steps"])  # not hashed: when to save, not what
         if not spec.get("run_dir"):
             for key in ("dataset", "arch", "method"):
                 if not spec.get(key):

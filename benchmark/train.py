@@ -222,19 +222,30 @@ def _train(cfg: dict[str, Any], info: distributed.DistInfo) -> dict[str, Any]:
             raise BitbenchError(f"{ckpt_path} belongs to another config (hash {ckpt['hash']} != {cfg['hash']}): "
                                 f"remove it or use another run directory")
         state, best_state, optimizer_state = ckpt["state"], ckpt["best_state"], ckpt["optimizer"]
-        for stage in recipe.stages[: state["stage"] + (1 if state["stage_epoch"] else 0)]:
+        partial = state.get("partial")  # a mid-epoch checkpoint: the epoch's stage has started too
+        for stage in recipe.stages[: state["stage"] + (1 if state["stage_epoch"] or partial else 0)]:
             if stage.apply is not None:
                 stage.apply(model)
         model.load_state_dict(ckpt["model"])
+        if partial:
+            torch.set_rng_state(ckpt["rng"])
         if info.is_main:
-            print(f"resumed {run_dir} at epoch {state['epoch']} (stage {state['stage']})", file=sys.stderr)
+            at = f", step {partial['steps']}" if partial else ""
+            print(f"resumed {run_dir} at epoch {state['epoch']}{at} (stage {state['stage']})", file=sys.stderr)
+
+    every = int(cfg.get("checkpoint_steps") or 0)  # also save every `every` steps within an epoch (0: epoch ends)
+
+    def save_checkpoint(run_state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+        atomic_torch_save(ckpt_path, {"hash": cfg["hash"], "model": model.state_dict(), "rng": torch.get_rng_state(),
+                                      "optimizer": optimizer.state_dict(), "state": run_state,
+                                      "best_state": best_state})
 
     live = _Live(run_dir, state["history"]) if info.is_main else None
     started = time.time() - state["wall_seconds"]
     last = len(recipe.stages) - 1
     for si in range(state["stage"], len(recipe.stages)):
         stage, (stage_steps, stage_epochs) = recipe.stages[si], plan[si]
-        fresh = state["stage_epoch"] == 0
+        fresh = state["stage_epoch"] == 0 and not state.get("partial")
         if fresh:
             if stage.apply is not None:
                 stage.apply(model)
@@ -249,16 +260,22 @@ def _train(cfg: dict[str, Any], info: distributed.DistInfo) -> dict[str, Any]:
             e = state["stage_epoch"]
             first_step = e * steps_per_epoch
             n_steps = min(steps_per_epoch, stage_steps - first_step)
-            torch.manual_seed(cfg["seed"] * 100_003 + state["epoch"])
+            partial = state.pop("partial", None) or {"steps": 0, "loss_sum": 0.0, "correct": 0.0, "seen": 0.0,
+                                                      "seconds": 0.0}
+            if not partial["steps"]:
+                torch.manual_seed(cfg["seed"] * 100_003 + state["epoch"])  # (else: the checkpoint's RNG state)
             train_loader.set_epoch(state["epoch"])
             net.train()
-            loss_sum = correct = seen = 0.0
-            t0 = time.time()
-            bar = tqdm(total=n_steps, disable=not info.is_main, leave=False, mininterval=1 if sys.stderr.isatty() else 30,
+            loss_sum, correct, seen = partial["loss_sum"], partial["correct"], partial["seen"]
+            t0 = time.time() - partial["seconds"]
+            bar = tqdm(total=n_steps, initial=partial["steps"], disable=not info.is_main, leave=False,
+                       mininterval=1 if sys.stderr.isatty() else 30,
                        desc=f"{run_dir.parent.name}/{run_dir.name} {stage.name} epoch {state['epoch'] + 1}")
             for i, (images, labels) in enumerate(train_loader):
                 if i >= n_steps:
                     break
+                if i < partial["steps"]:  # done before the mid-epoch checkpoint: same batches, same order
+                    continue
                 images, labels = images.to(info.device, non_blocking=True), labels.to(info.device, non_blocking=True)
                 lr = set_lr(optimizer, lr_factor(stage, first_step + i, stage_steps, steps_per_epoch))
                 with _autocast(info, amp):
@@ -276,6 +293,12 @@ def _train(cfg: dict[str, Any], info: distributed.DistInfo) -> dict[str, Any]:
                 seen += labels.numel()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                if every and (i + 1) % every == 0 and i + 1 < n_steps:
+                    if info.is_main:
+                        done = {"steps": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                                "seconds": time.time() - t0}
+                        save_checkpoint({**state, "partial": done, "wall_seconds": time.time() - started}, optimizer)
+                    distributed.barrier(info)
             bar.close()
             state["train_seconds"] += time.time() - t0
             state["images"] += int(seen) * info.world_size
@@ -294,9 +317,7 @@ def _train(cfg: dict[str, Any], info: distributed.DistInfo) -> dict[str, Any]:
             state["wall_seconds"] = time.time() - started
             if info.is_main:
                 live.log(row)
-                atomic_torch_save(ckpt_path, {"hash": cfg["hash"], "model": model.state_dict(),
-                                              "optimizer": optimizer.state_dict(), "state": state,
-                                              "best_state": best_state})
+                save_checkpoint(state, optimizer)
                 print(f"{run_dir}: epoch {row['epoch']} [{stage.name}] loss {row['train_loss']:.4f} "
                       f"val top-1 {val['top1']:.2f}", file=sys.stderr)
             distributed.barrier(info)
@@ -361,6 +382,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="default: <runs-root>/<dataset>/<arch>/<method>[-<variant>]/seed<k>")
     p.add_argument("--teacher-run", help="finished run used as teacher (default: the fp run beside this one)")
     p.add_argument("--init-run", help="finished run to start from (default: the fp run beside this one)")
+    p.add_argument("--checkpoint-steps", type=int, default=0, metavar="N",
+                   help="also checkpoint every N training steps within an epoch, so a killed or preempted run loses "
+                        "at most N steps (default 0: at epoch ends only; not part of the config hash)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --set epochs=2 --set max_batches=50 (repeatable)")
 
@@ -385,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "data_dir": args.data_dir or f"data/{args.dataset}", "arch": args.arch,
         "method": args.method, "variant": args.variant, "seed": args.seed, "run_dir": str(run_dir),
         "overrides": parse_overrides(args.set), "teacher_run": args.teacher_run, "init_run": args.init_run,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")), "checkpoint_steps": args.checkpoint_steps,
     })
     metrics = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -111,6 +111,7 @@ def test_shipped_profiles_load_and_configure_submitit(tmp_path):
     ({"partiton": "gpu"}, "unknown setting(s) partiton"),
     ({"executor": "local", "nodes": 2}, "the local executor runs on one node"),
     ({"setup": "module load cuda"}, "setup must be list"),
+    ({"checkpoint_steps": -1}, "checkpoint_steps must be 0 (epoch ends only) or more"),
     ("no-such-profile", "unknown launch profile 'no-such-profile' (known: debug, example-multinode, local, "),
 ])
 def test_bad_profiles_are_rejected(profile, message):
@@ -188,6 +189,15 @@ def test_world_size_must_match_profile_and_divide_the_batch(fmnist_dir, tmp_path
                      common_overrides={**TINY, "batch_size": 33})
     with pytest.raises(BitbenchError, match="batch size 33 is not divisible by the world size 2"):
         plan(odd, load_profile("local-cluster"), tmp_path)
+
+
+def test_profile_checkpoint_steps_reach_the_runs_without_changing_their_hash(fmnist_dir, tmp_path):
+    cells = grid_cells(["fashion-mnist"], ["resnet20"], ["fp"], [0], fmnist_dir.parent, common_overrides=TINY)
+    (default,) = plan(cells, load_profile("local"), tmp_path)
+    (often,) = plan(cells, {**load_profile("local"), "checkpoint_steps": 500}, tmp_path)
+    assert default.config["checkpoint_steps"] == 0 and often.config["checkpoint_steps"] == 500
+    assert often.config["hash"] == default.config["hash"]
+    assert load_profile("example-multinode")["checkpoint_steps"] > 0
 
 
 # ----------------------------------------------------------------------------------------------- local

@@ -102,6 +102,30 @@ def test_resume_after_kill_gives_same_metrics(fmnist_dir, tmp_path):
     assert {k: again[k] for k in COMPARED} == {k: straight[k] for k in COMPARED}
 
 
+def test_mid_epoch_checkpoint_resumes_at_its_step_with_the_same_metrics(fmnist_dir, tmp_path):
+    over = {**TINY, "max_batches": 10}
+    straight = train(resolve_config(cell(fmnist_dir, tmp_path / "straight" / "d" / "a" / "fp" / "seed0", epochs=2,
+                                         **over)))
+    run_dir = tmp_path / "killed" / "d" / "a" / "fp" / "seed0"
+    cmd = [sys.executable, "-m", "benchmark", "train", "--data-dir", str(fmnist_dir), "--run-dir", str(run_dir),
+           "--arch", "resnet20", "--method", "fp", "--set", "epochs=2", "--checkpoint-steps", "2"] + \
+          [f"--set={k}={v}" for k, v in over.items()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint.pt").exists():  # the first one: after step 2 of epoch 1
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stderr and "at epoch 0, step " in resumed.stderr, resumed.stderr[-2000:]
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert {k: again[k] for k in COMPARED} == {k: straight[k] for k in COMPARED}
+    assert again["hash"] == straight["hash"], "when to checkpoint is not part of the config"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "nope"], "unknown method"),
     (["--arch", "vgg"], "unknown architecture"),
