@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import submitit
-import yaml
 from tqdm import tqdm
 
 from benchmark.errors import BitbenchError
+from benchmark.yamlfile import read_yaml
 
 EXECUTORS = ("local", "slurm", "debug")
 PROFILE_TYPES: dict[str, tuple[type, ...]] = {
@@ -66,12 +66,7 @@ def load_profile(profile: str | Path | dict[str, Any]) -> dict[str, Any]:
                 known = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
                 raise BitbenchError(f"unknown launch profile {str(profile)!r} (known: {', '.join(known) or 'none'}; "
                                     f"or give the path of a YAML file)")
-        if not path.is_file():
-            raise BitbenchError(f"launch profile {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise BitbenchError(f"launch profile {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raw = read_yaml(path, "launch profile") or {}
         if not isinstance(raw, dict):
             raise BitbenchError(f"launch profile {path} must be a mapping of settings")
         name, where = path.stem, str(path)

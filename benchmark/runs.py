@@ -24,15 +24,9 @@ DEPENDENCY_ROLES = ("teacher_run", "init_run")
 def load_params(path: str | Path, require_grid: bool = True) -> dict[str, Any]:
     """A params file (params.yaml) as a mapping; raises naming the file when it is missing or malformed, or has
     no `grid:` section (optional with `require_grid=False`: the launcher may get its grid from the command line)."""
-    import yaml
+    from benchmark.yamlfile import read_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise BitbenchError(f"params file {path} does not exist")
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise BitbenchError(f"params file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    params = read_yaml(path, "params file") or {}
     if not isinstance(params, dict) or not isinstance(params.get("grid", None if require_grid else {}), dict):
         raise BitbenchError(f"params file {path} has no `grid:` section (datasets, archs, methods, seeds)")
     return params

@@ -160,7 +160,7 @@ class Calibrate:
                      f"rows_per_batch={rows_per_batch}, seed={seed}, thresholds='mean', transform={transform})")
 
     def new_layers(self, model: nn.Module) -> list[BinaryConv2d]:
-        """The layers whose transform this stage initialises: current now and not current in the stage before."""
+        """The layers this stage initialises (threshold, transform): current now and not current in the stage before."""
         now = [layer for layer, role in self.modes.roles(model) if role == "current"]
         before: set[int] = set()
         if self.modes.index:

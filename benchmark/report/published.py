@@ -11,9 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from benchmark.errors import BitbenchError
+from benchmark.yamlfile import read_yaml
 
 # The legend of /work/shared/references/published.md, in order of preference when several rows match.
 MARKS: dict[str, str] = {
@@ -38,12 +38,7 @@ def default_path() -> Path:
 def load_published(path: str | Path | None = None) -> list[dict[str, Any]]:
     """Read and validate a published-numbers file (default: the one shipped with the package)."""
     path = Path(path) if path is not None else default_path()
-    if not path.is_file():
-        raise BitbenchError(f"published numbers file {path} does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise BitbenchError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    doc = read_yaml(path, "published numbers file")
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
         raise BitbenchError(f"{path} must be a mapping with a 'rows:' list")
     try:
