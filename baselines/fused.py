@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["available", "ops", "fits"]
+__all__ = ["available", "ops", "fits", "fits_tiled"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "react_units.cpp"
 _DTYPES = (torch.float32, torch.float64)
@@ -59,3 +59,10 @@ def fits(x: torch.Tensor, *params: torch.Tensor) -> bool:
         if p.device.type != "cpu" or p.dtype != x.dtype or p.dim() != x.dim() or p.numel() != c or p.shape[1] != c:
             return False
     return True
+
+
+def fits_tiled(x: torch.Tensor, residual: torch.Tensor, tiles: int) -> bool:
+    """Whether `residual` tiled `tiles` times along dim 1 has x's shape, device and dtype (RPReLU's residual)."""
+    return (residual.device == x.device and residual.dtype == x.dtype and residual.dim() == x.dim()
+            and tiles >= 1 and residual.shape[1] * tiles == x.shape[1]
+            and residual.shape[0] == x.shape[0] and residual.shape[2:] == x.shape[2:])

@@ -15,7 +15,7 @@ from baselines import fused
 from baselines.quantizers import approx_sign_grad
 
 __all__ = ["LearnableBias", "RSign", "RPReLU", "XnorActivationScale", "BinaryConv2d", "binary_layers",
-           "set_binarize_weights", "set_binarize_inputs"]
+           "set_binarize_weights", "set_binarize_inputs", "tile_add"]
 
 
 class LearnableBias(nn.Module):
@@ -56,22 +56,34 @@ class _ShiftedApproxSign(torch.autograd.Function):
         return grad_in, grad_in.sum_to_size(bias.shape)
 
 
+def tile_add(x: torch.Tensor, residual: torch.Tensor, tiles: int = 1) -> torch.Tensor:
+    """x + residual repeated `tiles` times along channels (dim 1), by broadcasting instead of materialising the
+    repeat: a shortcut to a multiple of its input's channels (`TileChannels`, ReActNet-A's duplication)."""
+    if tiles == 1:
+        return x + residual
+    return (x.unflatten(1, (tiles, residual.shape[1])) + residual.unsqueeze(1)).flatten(1, 2)
+
+
 class _RPReLU(torch.autograd.Function):
-    """PReLU(x + b_in; slope) + b_out with per-channel b_in, slope, b_out, as one Function. Forward: one add,
-    PReLU's kernel, an in-place add. Backward: the same values as autograd through the three modules (the slope's
-    gradient is sum(g * t) over t <= 0, t = x + b_in), from ReLU's backward kernel instead of PReLU's, which
-    is an order of magnitude slower on the CPU. The fused kernels save x instead of t and recompute t."""
+    """PReLU(x + b_in; slope) + b_out with per-channel b_in, slope, b_out, as one Function; with a `residual`,
+    of x + tile_add's residual first (the block's shortcut sum, which then never exists as a tensor of its own).
+    Forward: the sum, one add, PReLU's kernel, an in-place add. Backward: the same values as autograd through
+    the modules (the slope's gradient is sum(g * t) over t <= 0, t = x + b_in), from ReLU's backward kernel
+    instead of PReLU's, an order of magnitude slower on the CPU. The fused kernels save x (and the residual,
+    which the next unit's RSign keeps anyway) instead of t, and recompute t."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias_in: torch.Tensor, slope: torch.Tensor,
-                bias_out: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bias_in: torch.Tensor, slope: torch.Tensor, bias_out: torch.Tensor,
+                residual: torch.Tensor | None = None, tiles: int = 1) -> torch.Tensor:
         ctx.slope_shape, ctx.bias_in_shape, ctx.bias_out_shape = slope.shape, bias_in.shape, bias_out.shape
+        ctx.tiles, ctx.has_residual = tiles, residual is not None
         per_channel = slope.view(1, -1, *([1] * (x.dim() - 2)))
-        ctx.kernels = fused.ops() if fused.fits(x, bias_in, per_channel, bias_out) else None
+        fits = fused.fits(x, bias_in, per_channel, bias_out) and (residual is None or fused.fits_tiled(x, residual, tiles))
+        ctx.kernels = fused.ops() if fits else None
         if ctx.kernels is not None:
-            ctx.save_for_backward(x, bias_in, slope)
-            return ctx.kernels.rprelu_forward(x, bias_in, slope, bias_out)
-        t = x + bias_in
+            ctx.save_for_backward(x, bias_in, slope, residual)
+            return ctx.kernels.rprelu_forward(x, bias_in, slope, bias_out, residual, tiles)
+        t = (x if residual is None else tile_add(x, residual, tiles)) + bias_in
         slope_b = slope.view(1, -1, *([1] * (t.dim() - 2)))
         ctx.save_for_backward(t, slope_b)
         out = torch._prelu_kernel(t, slope_b)
@@ -80,18 +92,22 @@ class _RPReLU(torch.autograd.Function):
         return out + bias_out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.kernels is not None:
-            grad_x, grad_in, grad_slope, grad_out = ctx.kernels.rprelu_backward(grad, *ctx.saved_tensors)
-            return (grad_x, grad_in.view(ctx.bias_in_shape), grad_slope.view(ctx.slope_shape),
-                    grad_out.view(ctx.bias_out_shape))
-        t, slope_b = ctx.saved_tensors
-        positive = torch.ops.aten.threshold_backward(grad, t, 0)  # grad where t > 0, else 0
-        negative = grad - positive  # grad where t <= 0, else 0
-        grad_t = positive.addcmul_(slope_b, negative)  # exact: one of the two terms is always zero
-        grad_slope = negative.mul_(t).sum_to_size(slope_b.shape).view(ctx.slope_shape)
-        return (grad_t, grad_t.sum_to_size(ctx.bias_in_shape), grad_slope,
-                grad.sum_to_size(ctx.bias_out_shape))
+            grad_x, grad_in, grad_slope, grad_out, grad_res = ctx.kernels.rprelu_backward(
+                grad, *ctx.saved_tensors, ctx.tiles)
+        else:
+            t, slope_b = ctx.saved_tensors
+            positive = torch.ops.aten.threshold_backward(grad, t, 0)  # grad where t > 0, else 0
+            negative = grad - positive  # grad where t <= 0, else 0
+            grad_x = positive.addcmul_(slope_b, negative)  # exact: one of the two terms is always zero
+            grad_slope = negative.mul_(t).sum_to_size(slope_b.shape)
+            grad_in, grad_out = grad_x.sum_to_size(ctx.bias_in_shape), grad.sum_to_size(ctx.bias_out_shape)
+            grad_res = grad_x.unflatten(1, (ctx.tiles, -1)).sum(1) if ctx.has_residual and ctx.tiles > 1 else None
+        if ctx.has_residual and ctx.tiles == 1:
+            grad_res = grad_x
+        return (grad_x, grad_in.view(ctx.bias_in_shape), grad_slope.view(ctx.slope_shape),
+                grad_out.view(ctx.bias_out_shape), grad_res if ctx.has_residual else None, None)
 
 
 class RSign(nn.Module):
@@ -114,8 +130,11 @@ class RPReLU(nn.Module):
         self.prelu = nn.PReLU(channels, init=0.25)
         self.shift_out = LearnableBias(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RPReLU.apply(x, self.shift_in.bias, self.prelu.weight, self.shift_out.bias)
+    adds_residual = True  # forward(x, residual, tiles): RPReLU of a block's shortcut sum, in one pass
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tiles: int = 1) -> torch.Tensor:
+        """RPReLU(x), or RPReLU(tile_add(x, residual, tiles)) without materialising the sum."""
+        return _RPReLU.apply(x, self.shift_in.bias, self.prelu.weight, self.shift_out.bias, residual, tiles)
 
 
 class XnorActivationScale(nn.Module):

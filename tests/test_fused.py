@@ -209,3 +209,73 @@ def test_concurrent_first_builds(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,tiles", [((3, 6, 4, 5), 1), ((3, 6, 4, 5), 3), ((2, 8, 7), 4), ((4, 6, 1, 1), 2)])
+def test_rprelu_of_a_residual_sum_fused_equals_eager(kernels, monkeypatch, shape, tiles, dtype):
+    """RPReLU(x + tile(r)) with the sum inside the kernel: out and grad_x bit for bit as eager; grad_r is grad_x
+    (one tile) or its sum over the tiles in tile order, as eager's."""
+    bias_in, bias_out = channel_params(shape, dtype, 8, 2)
+    slope = torch.linspace(-0.5, 1.5, shape[1], dtype=dtype)
+    x = awkward(shape, dtype, bias_in, 9)
+    r = torch.randn(shape[0], shape[1] // tiles, *shape[2:], dtype=dtype, generator=torch.Generator().manual_seed(10))
+    g = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(11))
+    results = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv("BITBENCH_FUSED", env)
+        xs, rs = x.detach().requires_grad_(True), r.detach().requires_grad_(True)
+        params = [p.detach().clone().requires_grad_(True) for p in (bias_in, slope, bias_out)]
+        out = _RPReLU.apply(xs, *params, rs, tiles)
+        assert (out.grad_fn.kernels is not None) == (env == "1")
+        results[env] = (out.detach(), *torch.autograd.grad(out, [xs, rs, *params], g))
+    (out_f, gx_f, gr_f, *p_f), (out_e, gx_e, gr_e, *p_e) = results["1"], results["0"]
+    assert_same_bits(out_f, out_e)
+    assert_same_bits(gx_f, gx_e)
+    assert_same_bits(gr_f, gr_e)
+    for a, b in zip(p_f, p_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_rprelu_equals_rprelu_of_the_materialised_sum(kernels, monkeypatch):
+    """Residual(body, TileChannels / identity, RPReLU) and DuplicatedResidual: same outputs and gradients as
+    RPReLU applied to the explicit sum, fused or eager."""
+    from baselines.archs.common import Residual, TileChannels
+    from baselines.archs.mobilenet import DuplicatedResidual
+
+    torch.manual_seed(12)
+    for env in ("1", "0"):
+        monkeypatch.setenv("BITBENCH_FUSED", env)
+        for shortcut, cin, cout, stride in ((TileChannels(3, 2), 4, 12, 2), (torch.nn.Identity(), 6, 6, 1)):
+            body, act = torch.nn.Conv2d(cin, cout, 3, stride, 1), RPReLU(cout)
+            with torch.no_grad():
+                for p in act.parameters():
+                    p.normal_()
+            x = torch.randn(2, cin, 8, 8, requires_grad=True)
+            fused_out = Residual(body, shortcut, act)(x)
+            plain = act(body(x) + shortcut(x))
+            g = torch.randn_like(plain)
+            torch.testing.assert_close(fused_out, plain, rtol=0, atol=0)
+            for a, b in zip(torch.autograd.grad(fused_out, [x, body.weight, *act.parameters()], g),
+                            torch.autograd.grad(plain, [x, body.weight, *act.parameters()], g)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        first, second, act = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1), RPReLU(8)
+        x = torch.randn(2, 4, 5, 5, requires_grad=True)
+        out = DuplicatedResidual(first, second, act)(x)
+        plain = act(torch.cat([first(x) + x, second(x) + x], dim=1))
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+        g = torch.randn_like(plain)
+        for a, b in zip(torch.autograd.grad(out, [x, first.weight], g), torch.autograd.grad(plain, [x, first.weight], g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_with_a_tiled_residual(kernels):
+    torch.manual_seed(13)
+    layer = RPReLU(6).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(-0.3, 0.3)
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert layer(x, r, 3).grad_fn.kernels is not None
+    assert torch.autograd.gradcheck(lambda x, r, *p: _RPReLU.apply(x, *p, r, 3), (x, r, *layer.parameters()))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.layers import BinaryConv2d
+from baselines.layers import BinaryConv2d, tile_add
 
 # Below this input size the backbones use a CIFAR stem (3x3 stride-1 conv, no max-pool).
 IMAGENET_STEM_MIN_SIZE = 128
@@ -126,6 +126,14 @@ class AvgPool(nn.AvgPool2d):
         return super().forward(x)
 
 
+def act_of_sum(act: nn.Module, out: torch.Tensor, residual: torch.Tensor, tiles: int = 1) -> torch.Tensor:
+    """act(tile_add(out, residual, tiles)): in one call where the activation takes the residual itself
+    (`adds_residual`, e.g. RPReLU's fused kernel), so the sum is never a tensor of its own."""
+    if getattr(act, "adds_residual", False):
+        return act(out, residual, tiles)
+    return act(tile_add(out, residual, tiles))
+
+
 class Residual(nn.Module):
     """act(body(x) + shortcut(x)); no sum when `shortcut` is None."""
 
@@ -137,11 +145,11 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
-        if isinstance(self.shortcut, TileChannels):
-            out = self.shortcut.add_to(out, x)
-        elif self.shortcut is not None:
-            out = out + self.shortcut(x)
-        return self.act(out)
+        if self.shortcut is None:
+            return self.act(out)
+        if isinstance(self.shortcut, TileChannels):  # broadcast the tiles instead of materialising the repeat
+            return act_of_sum(self.act, out, self.shortcut.pool(x), self.shortcut.times)
+        return act_of_sum(self.act, out, self.shortcut(x))
 
 
 class TileChannels(nn.Module):
@@ -156,13 +164,6 @@ class TileChannels(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(x)
         return x.repeat(1, self.times, 1, 1) if self.times > 1 else x
-
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out + forward(x), broadcasting x over the tiles instead of materialising the repeat."""
-        x = self.pool(x)
-        if self.times == 1:
-            return out + x
-        return (out.unflatten(1, (self.times, x.shape[1])) + x.unsqueeze(1)).flatten(1, 2)
 
     def extra_repr(self) -> str:
         return f"times={self.times}"

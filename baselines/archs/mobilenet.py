@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from baselines.archs.common import (IMAGENET_STEM_MIN_SIZE, Network, Residual, Style, free_shortcut, head,
-                                    init_fp_, stem)
+from baselines.archs.common import (IMAGENET_STEM_MIN_SIZE, Network, Residual, Style, act_of_sum, free_shortcut,
+                                    head, init_fp_, stem)
 from baselines.layers import BinaryConv2d
 
 REACTNET_A_WIDTHS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
@@ -51,7 +51,8 @@ class DuplicatedResidual(nn.Module):
             convs[1].input_quantizer = convs[0].input_quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(torch.cat([self.first(x) + x, self.second(x) + x], dim=1))
+        # cat[first(x) + x, second(x) + x] is cat[first(x), second(x)] + x tiled twice
+        return act_of_sum(self.act, torch.cat([self.first(x), self.second(x)], dim=1), x, 2)
 
 
 def reactnet_a_block(style: Style, cin: int, cout: int, stride: int) -> nn.Sequential:

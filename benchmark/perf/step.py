@@ -248,6 +248,10 @@ def measure(arch: str = DEFAULT_ARCH, methods: list[str] | None = None, batch_si
         if memory:
             s.peak_step_bytes = peak_bytes(lambda: train_step(s, images, labels, amp), dev)
             s.peak_eval_bytes = peak_bytes(lambda: eval_forward(s, images, amp), dev)
+    if memory and dev.type == "cpu":
+        for s in subjects:  # peak_bytes trimmed the heap: regrow it, so no timed step page-faults it back
+            train_step(s, images, labels, amp)
+            eval_forward(s, images, amp)
     for _ in tqdm(range(reps), desc=f"perf step {arch}", disable=not progress, leave=False):
         for s in subjects:  # round robin: each repetition times every method once
             s.step_s.append(timed(lambda: train_step(s, images, labels, amp), dev))
