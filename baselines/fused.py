@@ -28,7 +28,8 @@ def _build() -> ModuleType | None:
         # -ffp-contract=off: no fused multiply-adds, every value rounds as in the eager ops; -fno-trapping-math
         # lets the compiler vectorize the selects (it changes no value).
         _module = load(name="bitbench_react_units", sources=[str(_SOURCE)],
-                       extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math"], verbose=False)
+                       extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no ninja, no headers...: train on, eagerly
         _failed = True
         cause = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)

@@ -279,3 +279,30 @@ def test_gradcheck_with_a_tiled_residual(kernels):
     r = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert layer(x, r, 3).grad_fn.kernels is not None
     assert torch.autograd.gradcheck(lambda x, r, *p: _RPReLU.apply(x, *p, r, 3), (x, r, *layer.parameters()))
+
+
+def test_results_do_not_depend_on_the_thread_count(kernels):
+    """The kernels split planes over threads (built with OpenMP); every value and sum comes out bit for bit the
+    same with one thread as with several."""
+    gen = torch.Generator().manual_seed(14)
+    x, g = torch.randn(64, 24, 9, 9, generator=gen), torch.randn(64, 24, 9, 9, generator=gen)  # ~4 parallel chunks
+    r = torch.randn(64, 8, 9, 9, generator=gen)
+    b, w, bo = (torch.randn(1, 24, 1, 1, generator=gen) for _ in range(3))
+    calls = (lambda: kernels.rsign_forward(x, b), lambda: kernels.rsign_backward(g, x, b),
+             lambda: kernels.rprelu_forward(x, b, w.view(-1), bo, r, 3),
+             lambda: kernels.rprelu_backward(g, x, b, w.view(-1), r, 3),
+             lambda: kernels.rprelu_backward(g, x, b, w.view(-1)))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            results.append([call() for call in calls])
+    finally:
+        torch.set_num_threads(before)
+    for one, many in zip(*results):
+        for a, b_ in zip(one if isinstance(one, list) else [one], many if isinstance(many, list) else [many]):
+            if a is None:
+                assert b_ is None
+            else:
+                assert_same_bits(a, b_)

@@ -57,6 +57,30 @@ def test_perf_step_table_and_method_selection_adds_fp():
     assert [line.split()[:2] for line in lines[2:]] == [["fp", "default"], ["xnor", "K"]]
 
 
+def test_perf_step_runs_the_gpu_checks_benchmark_shape_under_autocast():
+    """What scripts/gpu-check.sh runs on a GPU (resnet18, 3x224x224, 1000 classes, bf16 autocast, every method),
+    here on the CPU at batch 2: every method trains and evaluates in mixed precision at that shape."""
+    result = bitbench("perf", "step", "--arch", "resnet18", "--image-size", "224", "--in-channels", "3",
+                      "--num-classes", "1000", "--batch-size", "2", "--amp", "--reps", "1", "--warmup", "0",
+                      "--threads", "1", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["amp"] is True and report["image_size"] == 224 and report["num_classes"] == 1000
+    assert [r["method"] for r in report["rows"]] == [s.name for s in list_methods()]
+    assert all(r["step_ms"] > 0 and r["eval_ms"] > 0 for r in report["rows"])
+
+
+def test_gpu_check_without_cuda_is_a_one_line_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the check would run for real")
+    env = {**os.environ, "BITBENCH_VENV": sys.prefix}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), str(tmp_path / "out")], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("gpu-check: no CUDA device")
+    assert not (tmp_path / "out").exists()  # failed before any work
+
+
 @pytest.mark.parametrize("args, message", [
     (["--arch", "resnet99"], "unknown architecture 'resnet99'"),
     (["--methods", "nonesuch"], "unknown method 'nonesuch'"),
