@@ -26,7 +26,8 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         # -ffp-contract=off: no fused multiply-adds, every value rounds as in the eager ops; -fno-trapping-math
-        # lets the compiler vectorize the selects (it changes no value).
+        # lets the compiler vectorize the selects (it changes no value); -fopenmp: at::parallel_for is an OpenMP
+        # pragma in ATen's headers, so without it the kernels run on one thread (linked to torch's libgomp).
         _module = load(name="bitbench_react_units", sources=[str(_SOURCE)],
                        extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], verbose=False)
