@@ -16,7 +16,7 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;
+constexpr int64_t kLanes = 16;  // reduce_plane's flush is written for 16
 constexpr int64_t kFlush = 256;
 constexpr int64_t kGrainElements = 1 << 15;
 
@@ -69,10 +69,11 @@ void reduce_plane(int64_t size, double* out, int64_t stride, const F& f) {
     for (; j + kLanes <= stop; j += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) f(j + l, acc, l);
     for (; j < stop; ++j) f(j, acc, 0);
-    for (int k = 0; k < K; ++k) {
-      for (int64_t half = kLanes / 2; half > 0; half /= 2)
-        for (int64_t l = 0; l < half; ++l) acc[k][l] += acc[k][l + half];
-      total[k] += acc[k][0];
+    for (int k = 0; k < K; ++k) {  // pairwise, as four vector-wide partials (no store-to-load stalls)
+      const T* a = acc[k];
+      const T s0 = (a[0] + a[8]) + (a[4] + a[12]), s1 = (a[1] + a[9]) + (a[5] + a[13]);
+      const T s2 = (a[2] + a[10]) + (a[6] + a[14]), s3 = (a[3] + a[11]) + (a[7] + a[15]);
+      total[k] += (s0 + s2) + (s1 + s3);
     }
   }
   for (int k = 0; k < K; ++k) out[k * stride] = total[k];
