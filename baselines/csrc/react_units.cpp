@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 namespace {
@@ -74,6 +75,71 @@ void reduce_plane(int64_t size, double* out, int64_t stride, const F& f) {
       const T s0 = (a[0] + a[8]) + (a[4] + a[12]), s1 = (a[1] + a[9]) + (a[5] + a[13]);
       const T s2 = (a[2] + a[10]) + (a[6] + a[14]), s3 = (a[3] + a[11]) + (a[7] + a[15]);
       total[k] += (s0 + s2) + (s1 + s3);
+    }
+  }
+  for (int k = 0; k < K; ++k) out[k * stride] = total[k];
+}
+
+// 16-byte vectors of T (GCC/Clang vector extensions: SSE on x86-64, NEON on ARM), and loads, stores and
+// broadcasts that do the same on plain scalars, so per-element math is written once for both.
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(16)));
+  static constexpr int64_t kWidth = 16 / sizeof(T);
+};
+
+template <typename X, typename T>
+X load(const T* p) {
+  X v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename X, typename T>
+void store(T* p, const X& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <typename X, typename T>
+X splat(T s) {
+  if constexpr (std::is_same_v<X, T>) {
+    return s;
+  } else {
+    return X{} + s;
+  }
+}
+
+// As reduce_plane, for kernels whose K sums would not fit the registers with 16 scalar lanes: step(j, vals)
+// computes the K values of the elements from j, one vector's worth when vals points to vectors, one element
+// when it points to scalars. Two vectors per sum (8 float lanes), the tail in scalars, flushed as reduce_plane.
+template <int K, typename T, typename Step>
+void reduce_plane_simd(int64_t size, double* out, int64_t stride, const Step& step) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t W = Simd<T>::kWidth;
+  double total[K] = {};
+  for (int64_t j = 0; j < size;) {
+    const int64_t stop = std::min(size, j + kFlush);
+    V acc[K][2] = {};
+    T tail[K] = {};
+    for (; j + 2 * W <= stop; j += 2 * W) {
+      V a[K], b[K];
+      step(j, a);
+      step(j + W, b);
+      for (int k = 0; k < K; ++k) {
+        acc[k][0] += a[k];
+        acc[k][1] += b[k];
+      }
+    }
+    for (; j < stop; ++j) {
+      T v[K];
+      step(j, v);
+      for (int k = 0; k < K; ++k) tail[k] += v[k];
+    }
+    for (int k = 0; k < K; ++k) {
+      const V v = acc[k][0] + acc[k][1];
+      T h = v[0] + v[1];
+      if constexpr (W == 4) h = (v[0] + v[2]) + (v[1] + v[3]);
+      total[k] += h + tail[k];
     }
   }
   for (int k = 0; k < K; ++k) out[k * stride] = total[k];
@@ -252,16 +318,20 @@ std::vector<at::Tensor> rprelu_backward(const at::Tensor& grad_in, const at::Ten
         const scalar_t *xi = xp + off, *gi = gp + off;
         const scalar_t* ri = rp ? rp + res.offset(n, c, g) : nullptr;
         scalar_t* gxi = gxp + off;
-        reduce_plane<3, scalar_t>(g.size, part + p, g.n * g.c, [&](int64_t j, scalar_t (*acc)[kLanes], int64_t l) {
-          const scalar_t t = shifted<decltype(has_residual)::value>(xi, ri, j, bi);
-          const scalar_t gr = gi[j];
-          const scalar_t pos = t <= scalar_t(0) ? scalar_t(0) : gr;
-          const scalar_t neg = gr - pos;
-          const scalar_t gt = pos + w * neg;
-          gxi[j] = gt;
-          acc[0][l] += gt;
-          acc[1][l] += neg * t;
-          acc[2][l] += gr;
+        reduce_plane_simd<3, scalar_t>(g.size, part + p, g.n * g.c, [&](int64_t j, auto* sums) {
+          using X = std::remove_pointer_t<decltype(sums)>;  // a vector or one scalar_t
+          const X zero = splat<X>(scalar_t(0));
+          X u = load<X>(xi + j);
+          if constexpr (decltype(has_residual)::value) u = u + load<X>(ri + j);
+          const X t = u + splat<X>(bi);
+          const X gr = load<X>(gi + j);
+          const X pos = t <= zero ? zero : gr;
+          const X neg = gr - pos;
+          const X gt = pos + splat<X>(w) * neg;
+          store(gxi + j, gt);
+          sums[0] = gt;
+          sums[1] = neg * t;
+          sums[2] = gr;
         });
       };
       if (grp == nullptr) {
