@@ -1,9 +1,10 @@
 // Fused CPU kernels for ReActNet's RSign and RPReLU (baselines/layers.py): one pass forward, one pass backward
 // with the per-channel gradient reductions in the same pass. Layout: contiguous (N, C, *) with per-channel
 // parameters of C elements. Per-element arithmetic follows the eager code operation by operation (build with
-// -ffp-contract=off), so values are bit-identical. Each per-channel reduction sums, per (n, c) plane, runs of
-// kFlush elements in kLanes interleaved sums of the element type, adds their pairwise sum into double, then sums
-// the planes' doubles over n in order: a fixed order, so deterministic for any thread count.
+// -ffp-contract=off), so values are bit-identical; the backward loops are written in 16-byte vectors (GCC/Clang
+// vector extensions), the same math on vectors and scalars. Each per-channel reduction sums, per (n, c) plane,
+// runs of kFlush elements in interleaved lanes of the element type, adds their pairwise sum into double, then
+// sums the planes' doubles over n in order: a fixed order, so deterministic for any thread count.
 // RPReLU optionally takes a residual r and computes RPReLU(x + tile(r)) (the block's shortcut sum, without
 // materialising it): r is (N, C / tiles, *), repeated `tiles` times along channels, as Residual's eager sum.
 #include <torch/extension.h>
@@ -17,7 +18,6 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;  // reduce_plane's flush is written for 16
 constexpr int64_t kFlush = 256;
 constexpr int64_t kGrainElements = 1 << 15;
 
@@ -58,28 +58,6 @@ void for_each_plane(const Planes& g, const Body& body) {
   });
 }
 
-// Sums K per-element values over a plane: f(j, acc, l) handles element j and adds its values to acc[k][l].
-// kLanes interleaved sums in the element type (so the loop vectorizes), added pairwise into double every kFlush
-// elements. out[k * stride] = the sums.
-template <int K, typename T, typename F>
-void reduce_plane(int64_t size, double* out, int64_t stride, const F& f) {
-  double total[K] = {};
-  for (int64_t j = 0; j < size;) {
-    const int64_t stop = std::min(size, j + kFlush);
-    T acc[K][kLanes] = {};
-    for (; j + kLanes <= stop; j += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) f(j + l, acc, l);
-    for (; j < stop; ++j) f(j, acc, 0);
-    for (int k = 0; k < K; ++k) {  // pairwise, as four vector-wide partials (no store-to-load stalls)
-      const T* a = acc[k];
-      const T s0 = (a[0] + a[8]) + (a[4] + a[12]), s1 = (a[1] + a[9]) + (a[5] + a[13]);
-      const T s2 = (a[2] + a[10]) + (a[6] + a[14]), s3 = (a[3] + a[11]) + (a[7] + a[15]);
-      total[k] += (s0 + s2) + (s1 + s3);
-    }
-  }
-  for (int k = 0; k < K; ++k) out[k * stride] = total[k];
-}
-
 // 16-byte vectors of T (GCC/Clang vector extensions: SSE on x86-64, NEON on ARM), and loads, stores and
 // broadcasts that do the same on plain scalars, so per-element math is written once for both.
 template <typename T>
@@ -109,11 +87,30 @@ X splat(T s) {
   }
 }
 
-// As reduce_plane, for kernels whose K sums would not fit the registers with 16 scalar lanes: step(j, vals)
-// computes the K values of the elements from j, one vector's worth when vals points to vectors, one element
-// when it points to scalars. Two vectors per sum (8 float lanes), the tail in scalars, flushed as reduce_plane.
+// |v| by clearing the sign bit, exactly as std::abs (NaN and -0.0 included), for scalars and vectors.
+template <typename X>
+X magnitude(const X& v) {
+  if constexpr (std::is_floating_point_v<X>) {
+    return std::abs(v);
+  } else {
+    using Bits = decltype(v < v);  // the integer vector of the same shape
+    const X negative_zero = -X{};  // only the sign bits set
+    Bits bits, sign;
+    std::memcpy(&bits, &v, sizeof v);
+    std::memcpy(&sign, &negative_zero, sizeof v);
+    bits &= ~sign;
+    X out;
+    std::memcpy(&out, &bits, sizeof v);
+    return out;
+  }
+}
+
+// Sums K per-element values over a plane: step(j, vals) computes the K values of the elements from j, one
+// vector's worth when vals points to vectors, one element when it points to scalars (the tail). Each sum runs in
+// two vectors of interleaved lanes (8 float / 4 double lanes: few enough registers for K = 3), flushed pairwise
+// into double with the tail every kFlush elements. out[k * stride] = the sums.
 template <int K, typename T, typename Step>
-void reduce_plane_simd(int64_t size, double* out, int64_t stride, const Step& step) {
+void reduce_plane(int64_t size, double* out, int64_t stride, const Step& step) {
   using V = typename Simd<T>::vec;
   constexpr int64_t W = Simd<T>::kWidth;
   double total[K] = {};
@@ -197,12 +194,14 @@ std::vector<at::Tensor> rsign_backward(const at::Tensor& grad_in, const at::Tens
       const scalar_t b = bp[c];
       const scalar_t *xi = xp + off, *gi = gp + off;
       scalar_t* gxi = gxp + off;
-      reduce_plane<1, scalar_t>(g.size, part + n * g.c + c, 0, [&](int64_t j, scalar_t (*acc)[kLanes], int64_t l) {
-        scalar_t v = scalar_t(2) - scalar_t(2) * std::abs(xi[j] + b);  // 2|u| is exact
-        v = v < scalar_t(0) ? scalar_t(0) : v;  // clamp(min=0), NaN kept
-        const scalar_t r = v * gi[j];
-        gxi[j] = r;
-        acc[0][l] += r;
+      reduce_plane<1, scalar_t>(g.size, part + n * g.c + c, 0, [&](int64_t j, auto* sums) {
+        using X = std::remove_pointer_t<decltype(sums)>;  // a vector or one scalar_t
+        const X two = splat<X>(scalar_t(2)), zero = splat<X>(scalar_t(0));
+        X v = two - two * magnitude(load<X>(xi + j) + splat<X>(b));  // 2|u| is exact
+        v = v < zero ? zero : v;  // clamp(min=0), NaN kept
+        const X r = v * load<X>(gi + j);
+        store(gxi + j, r);
+        sums[0] = r;
       });
     });
   });
@@ -318,7 +317,7 @@ std::vector<at::Tensor> rprelu_backward(const at::Tensor& grad_in, const at::Ten
         const scalar_t *xi = xp + off, *gi = gp + off;
         const scalar_t* ri = rp ? rp + res.offset(n, c, g) : nullptr;
         scalar_t* gxi = gxp + off;
-        reduce_plane_simd<3, scalar_t>(g.size, part + p, g.n * g.c, [&](int64_t j, auto* sums) {
+        reduce_plane<3, scalar_t>(g.size, part + p, g.n * g.c, [&](int64_t j, auto* sums) {
           using X = std::remove_pointer_t<decltype(sums)>;  // a vector or one scalar_t
           const X zero = splat<X>(scalar_t(0));
           X u = load<X>(xi + j);
