@@ -78,7 +78,8 @@ class _RPReLU(torch.autograd.Function):
         ctx.slope_shape, ctx.bias_in_shape, ctx.bias_out_shape = slope.shape, bias_in.shape, bias_out.shape
         ctx.tiles, ctx.has_residual = tiles, residual is not None
         per_channel = slope.view(1, -1, *([1] * (x.dim() - 2)))
-        fits = fused.fits(x, bias_in, per_channel, bias_out) and (residual is None or fused.fits_tiled(x, residual, tiles))
+        fits = fused.fits(x, bias_in, per_channel, bias_out) and (
+            residual is None or fused.fits_tiled(x, residual, tiles))
         ctx.kernels = fused.ops() if fits else None
         if ctx.kernels is not None:
             ctx.save_for_backward(x, bias_in, slope, residual)

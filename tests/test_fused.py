@@ -265,7 +265,8 @@ def test_residual_rprelu_equals_rprelu_of_the_materialised_sum(kernels, monkeypa
         plain = act(torch.cat([first(x) + x, second(x) + x], dim=1))
         torch.testing.assert_close(out, plain, rtol=0, atol=0)
         g = torch.randn_like(plain)
-        for a, b in zip(torch.autograd.grad(out, [x, first.weight], g), torch.autograd.grad(plain, [x, first.weight], g)):
+        wrt = [x, first.weight]
+        for a, b in zip(torch.autograd.grad(out, wrt, g), torch.autograd.grad(plain, wrt, g)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
