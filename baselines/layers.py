@@ -108,7 +108,7 @@ class _RPReLU(torch.autograd.Function):
         if ctx.has_residual and ctx.tiles == 1:
             grad_res = grad_x
         return (grad_x, grad_in.view(ctx.bias_in_shape), grad_slope.view(ctx.slope_shape),
-                grad_out.view(ctx.bias_out_shape), grad_res if ctx.has_residual else None, None)
+                grad_out.view(ctx.bias_out_shape), grad_res, None)
 
 
 class RSign(nn.Module):

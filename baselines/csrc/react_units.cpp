@@ -229,15 +229,14 @@ struct Residual {
   int64_t offset(int64_t n, int64_t c_, const Planes& g) const { return (n * c + c_ % c) * g.size; }
 };
 
-// t = x + b_in, or (x + r) + b_in with a residual: the eager order, the block's sum first, then the shift.
-// The residual's presence is a compile-time flag, so no loop tests it per element.
-template <bool kResidual, typename scalar_t>
-scalar_t shifted(const scalar_t* x, const scalar_t* r, int64_t j, scalar_t bi) {
-  if constexpr (kResidual) {
-    return (x[j] + r[j]) + bi;
-  } else {
-    return x[j] + bi;
-  }
+// t = x + b_in, or (x + r) + b_in with a residual: the eager order, the block's sum first, then the shift; for
+// the element at j (X a scalar) or the vector from j. The residual's presence is a compile-time flag, so no loop
+// tests it per element.
+template <bool kResidual, typename X, typename T>
+X shifted(const T* x, const T* r, int64_t j, T bi) {
+  X u = load<X>(x + j);
+  if constexpr (kResidual) u = u + load<X>(r + j);
+  return u + splat<X>(bi);
 }
 
 // Calls body(std::bool_constant<has>{}), so the body is compiled once with and once without a residual.
@@ -274,7 +273,7 @@ at::Tensor rprelu_forward(const at::Tensor& input, const at::Tensor& bias_in, co
         const scalar_t* ri = rp ? rp + res.offset(n, c, g) : nullptr;
         scalar_t* o = op + off;
         for (int64_t j = 0; j < g.size; ++j) {
-          const scalar_t t = shifted<decltype(has_residual)::value>(xi, ri, j, bi);
+          const scalar_t t = shifted<decltype(has_residual)::value, scalar_t>(xi, ri, j, bi);
           const scalar_t y = t > scalar_t(0) ? t : w * t;
           o[j] = y + bo;
         }
@@ -320,9 +319,7 @@ std::vector<at::Tensor> rprelu_backward(const at::Tensor& grad_in, const at::Ten
         reduce_plane<3, scalar_t>(g.size, part + p, g.n * g.c, [&](int64_t j, auto* sums) {
           using X = std::remove_pointer_t<decltype(sums)>;  // a vector or one scalar_t
           const X zero = splat<X>(scalar_t(0));
-          X u = load<X>(xi + j);
-          if constexpr (decltype(has_residual)::value) u = u + load<X>(ri + j);
-          const X t = u + splat<X>(bi);
+          const X t = shifted<decltype(has_residual)::value, X>(xi, ri, j, bi);
           const X gr = load<X>(gi + j);
           const X pos = t <= zero ? zero : gr;
           const X neg = gr - pos;
